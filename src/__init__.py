@@ -1,0 +1,1 @@
+"""TResNet-L-V2, reimplemented so that it builds without a GPU and loads the published weights."""

@@ -1,0 +1,97 @@
+"""Activated batch normalisation (ABN): batch norm with an |weight| + eps scale, then an activation.
+
+TResNet is built on `inplace_abn.InPlaceABN`, a compiled extension. When it cannot be imported,
+or when the pure implementation is asked for (argument `pure=True` or the environment variable
+CMAL_PURE_ABN=1), `PureABN` computes the same function with ordinary PyTorch operations and the
+same parameter and buffer names, so weight files load into either.
+"""
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from inplace_abn import InPlaceABN
+except ImportError as exc:  # the extension is missing or was built against another torch
+    InPlaceABN = None
+    _IMPORT_ERROR = exc
+else:
+    _IMPORT_ERROR = None
+
+PURE_ABN_ENV = "CMAL_PURE_ABN"
+_ACTIVATIONS = ("leaky_relu", "identity")
+_warned = False
+
+
+class PureABN(nn.Module):
+    """y = act((x - mean) / sqrt(var + eps) * (|weight| + eps) + bias), as InPlaceABN computes it.
+
+    Running statistics follow InPlaceABN: momentum 0.1, unbiased batch variance, and
+    num_batches_tracked counts training forwards.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, activation="leaky_relu",
+                 activation_param=0.01):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"ABN activation must be one of {_ACTIVATIONS}, got {activation!r}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.activation = activation
+        self.activation_param = activation_param
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        # |w| written with torch.where so that the gradient at w == 0 is +1, as in InPlaceABN's
+        # backward (autograd's abs() would give 0 there and freeze the zero-initialised scales).
+        scale = torch.where(self.weight < 0, -self.weight, self.weight) + self.eps
+        y = F.batch_norm(x, self.running_mean, self.running_var, scale, self.bias,
+                         self.training, self.momentum, self.eps)
+        if self.activation == "leaky_relu":
+            y = F.leaky_relu(y, self.activation_param, inplace=True)
+        return y
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"activation={self.activation}[{self.activation_param}]")
+
+
+def inplace_abn_available():
+    return InPlaceABN is not None
+
+
+def use_pure_abn(pure=None):
+    """Decide which ABN to build: an explicit argument wins, then CMAL_PURE_ABN, then availability."""
+    global _warned
+    if pure is None:
+        pure = os.environ.get(PURE_ABN_ENV, "0").lower() not in ("", "0", "false", "no")
+    if pure:
+        return True
+    if InPlaceABN is None:
+        if not _warned:
+            warnings.warn(f"inplace_abn is not importable ({_IMPORT_ERROR}); using the pure-PyTorch "
+                          "ABN, which computes the same function with more memory. Run `make setup` "
+                          "to build inplace-abn.", stacklevel=3)
+            _warned = True
+        return True
+    return False
+
+
+def ABN(num_features, activation="leaky_relu", activation_param=1e-6, pure=None):
+    """An ABN layer: InPlaceABN when available, PureABN otherwise or when `pure` asks for it."""
+    if use_pure_abn(pure):
+        return PureABN(num_features, activation=activation, activation_param=activation_param)
+    return InPlaceABN(num_features, activation=activation, activation_param=activation_param)
+
+
+def is_abn(module):
+    return isinstance(module, PureABN) or (InPlaceABN is not None and isinstance(module, InPlaceABN))
