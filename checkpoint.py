@@ -1,0 +1,136 @@
+"""What a training run leaves on disk: checkpoints and the per-epoch logs.
+
+Every file is written beside its final name and renamed over it, so a crash at any moment
+leaves either the old or the new file, never a broken one. The logs are rewritten from the
+history held in the checkpoint, so after a resume each epoch appears in them exactly once.
+"""
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from src.models.weights import WeightsError, check_compatible, read_checkpoint
+
+FORMAT = "cmal-checkpoint-1"
+TRAIN_LOG = "results_train.txt"
+TEST_LOG = "results_test.txt"
+JSON_LOG = "log.jsonl"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
+def _atomic_write(path, write):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save(obj, path):
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def link_or_copy(src, dst):
+    """Make `dst` hold what `src` holds now (a hard link where possible), atomically."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": _numpy_state_to_plain(np.random.get_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available() and \
+            len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_plain(s):
+    # weights_only loading accepts tensors and plain containers, not numpy arrays.
+    return [s[0], torch.from_numpy(s[1].astype(np.int64)), int(s[2]), int(s[3]), float(s[4])]
+
+
+def _numpy_state_from_plain(s):
+    return (s[0], s[1].numpy().astype(np.uint32), s[2], s[3], s[4])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def load(path):
+    """A training checkpoint written by this project, read without running any code."""
+    try:
+        ckpt = read_checkpoint(path)
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a CMAL-Net training checkpoint of this project (no '{FORMAT}' "
+            "marker). To start from TResNet weights, pass them with --weights instead.")
+    return ckpt
+
+
+def load_model_state(model, ckpt, path):
+    """Load the checkpoint's weights, refusing another architecture or class count by name."""
+    try:
+        check_compatible(model.state_dict(), ckpt["model"], str(path))
+    except WeightsError as exc:
+        raise CheckpointError(f"{exc} (check --num_classes, --layers, --width_factor and the "
+                              "head sizes against the settings the checkpoint was trained "
+                              "with)") from None
+    model.load_state_dict(ckpt["model"])
+
+
+def train_line(r):
+    return ("Iteration %d | train_acc = %.5f | train_loss = %.5f | Loss1: %.3f | Loss2: %.5f | "
+            "Loss3: %.5f | Loss_ATT: %.5f | Loss_concat: %.5f |\n"
+            % (r["epoch"], r["train_acc"], r["train_loss"], r["loss1"], r["loss2"], r["loss3"],
+               r["loss_att"], r["loss_concat"]))
+
+
+def test_line(r):
+    return "Iteration %d, test_acc_combined = %.5f, test_loss = %.6f\n" % (
+        r["epoch"], r["test"]["acc_combined"], r["test"]["loss"])
+
+
+def write_logs(out_dir, history):
+    """results_train.txt and results_test.txt in the reference formats, and log.jsonl."""
+    out_dir = Path(out_dir)
+    write_text(out_dir / TRAIN_LOG, "".join(train_line(r) for r in history))
+    write_text(out_dir / TEST_LOG, "".join(test_line(r) for r in history if r.get("test")))
+    write_text(out_dir / JSON_LOG, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))

@@ -1,0 +1,271 @@
+"""Data of CMAL-Net: the train/test class-folder layout, its checks, transforms and sampling.
+
+Augmentation is reproducible by construction: the sampler hands each sample a seed derived from
+(run seed, epoch, position), and the dataset seeds the transform with it. The data of an epoch
+is thus the same whatever the number of workers or processes, and an interrupted epoch can be
+resumed at any batch.
+"""
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+SPLITS = ("train", "test")
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used as it is; the message says what to fix."""
+
+
+class BadImageError(OSError):
+    """An image file that cannot be decoded."""
+
+    def __init__(self, path, reason=None):
+        # One-argument form: DataLoader workers re-raise exceptions from their message alone.
+        super().__init__(str(path) if reason is None else f"{path}: {reason}")
+        self.path = str(path)
+
+
+def is_image_file(name):
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _to_rgb(img):
+    """RGB for every PIL mode: 16-bit and 32-bit integer images are scaled to 8 bits rather than
+    clipped, and transparent images are composited onto white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "I" or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = (a - a.min()) / (np.ptp(a) or 1.0)
+        img = Image.fromarray((a * 255.0 + 0.5).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS):
+    """Decode an image file fully into RGB, or raise BadImageError saying why not."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if max_pixels and img.width * img.height > max_pixels:
+                    raise BadImageError(path, f"{img.width}x{img.height} pixels is above the "
+                                              f"limit of {max_pixels} (a decompression bomb?)")
+                img.load()  # decode now, so that a truncated file fails here and not later
+                return _to_rgb(img)
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise BadImageError(path, f"too many pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImageError(path, f"not a readable image ({exc})") from None
+
+
+def class_folders(split_dir):
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_files(folder):
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if is_image_file(f) and not f.startswith(".")]
+    return files
+
+
+def check_layout(root, num_classes=None):
+    """Check `root`/train and `root`/test as class folders; return (classes, samples per split).
+
+    Raises DatasetError naming the folder at fault and what to do.
+    """
+    root = Path(root)
+    layout = (f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> "
+              "(prepare_data.py converts the official downloads to it)")
+    if not root.is_dir():
+        raise DatasetError(f"data path {root} does not exist or is not a folder; set data_path in "
+                           f"the script's settings or pass --data_path=... ({layout})")
+    classes = {}
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            raise DatasetError(f"{root} has no '{split}' folder: {layout}")
+        classes[split] = class_folders(root / split)
+        if not classes[split]:
+            raise DatasetError(f"{root / split} holds no class folders: {layout}")
+    if classes["train"] != classes["test"]:
+        only_train = sorted(set(classes["train"]) - set(classes["test"]))
+        only_test = sorted(set(classes["test"]) - set(classes["train"]))
+        raise DatasetError(
+            f"train and test of {root} list different classes: only in train: "
+            f"{only_train[:10] or 'none'}; only in test: {only_test[:10] or 'none'}. Both splits must hold the same "
+            "class folders.")
+    names = classes["train"]
+    if num_classes is not None and len(names) != num_classes:
+        raise DatasetError(f"{root}/train has {len(names)} class folders but num_classes is "
+                           f"{num_classes}; fix the data or pass --num_classes={len(names)}")
+    samples = {}
+    for split in SPLITS:
+        samples[split] = []
+        empty = []
+        for target, name in enumerate(names):
+            files = _image_files(root / split / name)
+            if not files:
+                empty.append(name)
+            samples[split] += [(f, target) for f in files]
+        if empty:
+            raise DatasetError(f"{root / split} has class folders with no image files: "
+                               f"{empty[:10]}{' ...' if len(empty) > 10 else ''}; add images or "
+                               f"remove the class from both splits (image extensions: "
+                               f"{', '.join(IMG_EXTENSIONS)})")
+    return names, samples
+
+
+def build_transforms(image_size=368, resize=421, crop_padding=8):
+    """The reference TResNet-L transforms (368 px crops of 421 px resizes, normalised to [-1, 1])."""
+    normalize = T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    train = T.Compose([
+        T.Resize((resize, resize)),
+        T.RandomCrop(image_size, padding=crop_padding),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        normalize,
+    ])
+    test = T.Compose([
+        T.Resize((resize, resize)),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        normalize,
+    ])
+    return train, test
+
+
+class ImageDataset(Dataset):
+    """(path, target) samples with a transform; a key is an index or an (index, seed) pair."""
+
+    def __init__(self, samples, classes, transform, skip_bad=False,
+                 max_pixels=Image.MAX_IMAGE_PIXELS):
+        self.samples = samples
+        self.classes = classes
+        self.transform = transform
+        self.skip_bad = skip_bad
+        self.max_pixels = max_pixels
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, target = self.samples[index]
+        try:
+            img = load_rgb(path, self.max_pixels)
+        except BadImageError as exc:
+            if not self.skip_bad:
+                raise BadImageError(f"{exc}. Remove or replace the file (python check_data.py "
+                                    "lists every bad file), or pass --skip_bad_images to skip "
+                                    "such files with a warning") from None
+            warnings.warn(f"skipping {exc}")
+            return None
+        if seed is None:
+            return self.transform(img), target
+        # Seed a private copy of the global generator that torchvision's random transforms use.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), target
+
+
+def mix_seed(*parts):
+    """A 63-bit seed from integers, stable across runs and platforms."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+class EpochSampler(Sampler):
+    """Yields (index, seed) pairs; order and seeds depend only on (seed, epoch).
+
+    With several processes, rank r takes every world_size-th sample. For training the list is
+    first padded by repetition to a multiple of world_size, so that every rank runs the same
+    number of steps; for evaluation it is not, so that every sample counts exactly once.
+    `start` skips the first samples of this rank (resuming inside an epoch).
+    """
+
+    def __init__(self, num_samples, seed=0, shuffle=True, rank=0, world_size=1, pad=True):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.pad = pad
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch = epoch
+        self.start = start
+
+    def _order(self):
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 1))
+        order = torch.randperm(self.num_samples, generator=g) if self.shuffle \
+            else torch.arange(self.num_samples)
+        seeds = torch.randint(0, 2 ** 62, (self.num_samples,), generator=g)
+        if self.pad and self.num_samples % self.world_size:
+            extra = self.world_size - self.num_samples % self.world_size
+            order = torch.cat([order, order[:extra]])
+            seeds = torch.cat([seeds, seeds[:extra]])
+        return order[self.rank::self.world_size], seeds[self.rank::self.world_size]
+
+    def __iter__(self):
+        order, seeds = self._order()
+        return iter(zip(order[self.start:].tolist(), seeds[self.start:].tolist()))
+
+    def __len__(self):
+        n, w = self.num_samples, self.world_size
+        per_rank = -(-n // w) if self.pad else len(range(self.rank, n, w))
+        return max(per_rank - self.start, 0)
+
+
+def collate_skipping(batch):
+    """(inputs, targets, number of samples skipped as bad files)."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch)
+    inputs, targets = default_collate(kept)
+    return inputs, targets, len(batch) - len(kept)
+
+
+def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
+    """Train and test loaders of cfg.data_path, checked first; also returns the class names."""
+    classes, samples = check_layout(cfg.data_path, cfg.num_classes)
+    if cfg.batch_size % world_size or cfg.batch_size // world_size < 2:
+        raise DatasetError(f"batch_size={cfg.batch_size} must split into at least two samples "
+                           f"for each of the {world_size} processes")
+    train_tf, test_tf = build_transforms(cfg.image_size, cfg.resize, cfg.crop_padding)
+    common = dict(num_workers=cfg.workers, collate_fn=collate_skipping, pin_memory=pin_memory,
+                  persistent_workers=cfg.workers > 0)
+    train_set = ImageDataset(samples["train"], classes, train_tf, cfg.skip_bad_images,
+                             cfg.max_image_pixels)
+    test_set = ImageDataset(samples["test"], classes, test_tf, cfg.skip_bad_images,
+                            cfg.max_image_pixels)
+    train = DataLoader(train_set, batch_size=cfg.batch_size // world_size, drop_last=True,
+                       sampler=EpochSampler(len(train_set), cfg.seed, True, rank, world_size),
+                       **common)
+    test = DataLoader(test_set, batch_size=cfg.test_batch_size,
+                      sampler=EpochSampler(len(test_set), cfg.seed, False, rank, world_size,
+                                           pad=False), **common)
+    if len(train) == 0:
+        raise DatasetError(f"{cfg.data_path}/train has {len(train_set)} images, fewer than one "
+                           f"batch of {cfg.batch_size}; lower --batch_size or add images")
+    return train, test, classes

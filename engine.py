@@ -1,0 +1,210 @@
+"""Training and evaluation of CMAL-Net: one iteration, one epoch, one evaluation pass.
+
+Every entry point (the three dataset scripts, train.py, demo.py, bench.py) calls these.
+"""
+import contextlib
+
+import torch
+from tqdm import tqdm
+
+import distributed as dist
+from utils import attention_im, cosine_anneal_schedule, highlight_im, map_generate
+
+LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or infinite; the model is no longer worth saving."""
+
+
+def unwrap(net):
+    """The CMAL module inside a DistributedDataParallel or torch.compile wrapper."""
+    net = getattr(net, "module", net)
+    return getattr(net, "_orig_mod", net)
+
+
+def make_optimizer(net, lr=0.002, backbone_lr=0.0002, momentum=0.9, weight_decay=5e-4):
+    """The reference SGD: eight groups, heads at `lr`, the backbone at `backbone_lr`."""
+    net = unwrap(net)
+    heads = [net.classifier_concat, net.conv_block1, net.classifier1, net.conv_block2,
+             net.classifier2, net.conv_block3, net.classifier3]
+    groups = [{"params": m.parameters(), "lr": lr, "base_lr": lr} for m in heads]
+    groups.append({"params": net.Features.parameters(), "lr": backbone_lr, "base_lr": backbone_lr})
+    return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
+
+
+def set_learning_rates(optimizer, epoch, nb_epoch):
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_anneal_schedule(epoch, nb_epoch, group["base_lr"])
+
+
+def attention_maps(net, outputs):
+    """a1, a2, a3: each expert's class activation map, from a forward's logits and maps."""
+    net = unwrap(net)
+    return [map_generate(outputs[4 + i].detach(), outputs[i].detach(), classifier[1].weight.detach(),
+                         classifier[4].weight.detach())
+            for i, (_, classifier) in enumerate(net.experts())]
+
+
+def _autocast(device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=None,
+               amp_dtype=None, scaler=None):
+    """One CMAL-Net iteration (spec section 4): five forward passes and five optimizer steps.
+
+    e3 on the raw batch; attention crops from that pass; e2 and e1 on a crop or the raw batch
+    chosen by torch.rand(1); all heads on the joint crop; the concatenation on the raw batch.
+    With `epoch` and `nb_epoch` the group learning rates are first set by the cosine schedule.
+    """
+    if epoch is not None:
+        set_learning_rates(optimizer, epoch, nb_epoch)
+    device = inputs.device
+
+    def optimise(pick_loss, x):
+        # Gradients are zeroed, not freed: the reference's PyTorch kept zero-filled gradients,
+        # so momentum and weight decay move every parameter at each of the five steps.
+        optimizer.zero_grad(set_to_none=False)
+        with _autocast(device, amp_dtype):
+            out = net(x)
+            loss = pick_loss(out)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        return out, loss.detach()
+
+    def ce(logits):
+        return criterion(logits.float(), targets)
+
+    out, loss3 = optimise(lambda o: ce(o[2]), inputs)
+    with torch.no_grad():
+        a1, a2, a3 = attention_maps(net, out)
+        inputs3_att = attention_im(inputs, a3)
+        inputs2_att = attention_im(inputs, a2)
+        inputs1_att = attention_im(inputs, a1)
+        inputs_att = highlight_im(inputs, a1, a2, a3)
+    del out
+
+    flag = torch.rand(1)
+    x2 = inputs3_att if flag < 1 / 3 else inputs1_att if flag < 2 / 3 else inputs
+    _, loss2 = optimise(lambda o: ce(o[1]), x2)
+    flag = torch.rand(1)
+    x1 = inputs3_att if flag < 1 / 3 else inputs2_att if flag < 2 / 3 else inputs
+    _, loss1 = optimise(lambda o: ce(o[0]), x1)
+    _, loss_att = optimise(lambda o: ce(o[0]) + ce(o[1]) + ce(o[2]) + ce(o[3]) * 2, inputs_att)
+    out, loss_concat = optimise(lambda o: ce(o[3]) * 2, inputs)
+
+    values = torch.stack([loss1, loss2, loss3, loss_att, loss_concat]).float().tolist()
+    result = dict(zip(LOSS_NAMES, values))
+    if not all(map(_finite, values)):
+        raise NonFiniteLossError(", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    result["logits_concat"] = out[3].detach()
+    return result
+
+
+def _finite(v):
+    return v == v and abs(v) != float("inf")
+
+
+def new_epoch_stats():
+    """Running sums of an epoch; `position` counts the loader's batches consumed so far."""
+    return {"position": 0, "batches": 0, "correct": 0, "total": 0, "skipped": 0,
+            **{k: 0.0 for k in LOSS_NAMES}}
+
+
+def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, stats=None,
+                    amp_dtype=None, scaler=None, channels_last=False, after_batch=None,
+                    progress=True):
+    """Train for the rest of one epoch; return (stats, finished).
+
+    `stats` carries the running sums when an epoch is resumed midway. `after_batch(stats)` is
+    called after every iteration; when it returns True the epoch stops early (finished=False).
+    """
+    net.train()
+    stats = stats or new_epoch_stats()
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
+               disable=not progress)
+    for inputs, targets, skipped in bar:
+        stats["position"] += 1
+        stats["skipped"] += skipped
+        if inputs.shape[0] < 2:  # BatchNorm1d needs two samples (after skipping bad files)
+            continue
+        inputs = inputs.to(device, non_blocking=True)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        try:
+            step = train_step(net, optimizer, inputs, targets, criterion, epoch, nb_epoch,
+                              amp_dtype=amp_dtype, scaler=scaler)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(
+                f"non-finite training loss at epoch {epoch}, batch {stats['batches']} ({exc}). The "
+                "run is stopped and no checkpoint was written from this state. Lower --lr, check "
+                "the data (python check_data.py DATA_PATH), or prefer --amp=bf16 to fp16.") from None
+        stats["batches"] += 1
+        stats["total"] += targets.shape[0]
+        stats["correct"] += int((step["logits_concat"].argmax(1) == targets).sum())
+        for k in LOSS_NAMES:
+            stats[k] += step[k]
+        bar.set_postfix(acc=f"{100.0 * stats['correct'] / stats['total']:.1f}",
+                        loss=f"{step['loss_concat']:.3f}")
+        if after_batch is not None and after_batch(stats):
+            return stats, False
+    return stats, True
+
+
+def summarise_train(stats):
+    """Epoch averages, reduced over processes: accuracy in percent, losses per batch."""
+    keys = ["batches", "correct", "total", "skipped", *LOSS_NAMES]
+    totals = dict(zip(keys, dist.all_reduce_sum([stats[k] for k in keys])))
+    n = max(totals["batches"], 1)
+    out = {"train_acc": 100.0 * totals["correct"] / max(totals["total"], 1),
+           "train_loss": (totals["loss1"] + totals["loss2"] + totals["loss3"]
+                          + totals["loss_concat"]) / n,
+           **{k: totals[k] / n for k in LOSS_NAMES},
+           "samples": int(totals["total"]), "skipped": int(totals["skipped"])}
+    return out
+
+
+@torch.no_grad()
+def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=False,
+             progress=False):
+    """Spec section 5: the raw pass, the joint attention crop pass, and three accuracies.
+
+    Returns acc_concat (the concatenation head alone), acc_com2 (the four raw logits summed),
+    acc_combined (those plus the four crop logits: the headline number), in percent, and loss
+    (cross entropy of the concatenation head, averaged over samples).
+    """
+    model = unwrap(net)  # no DDP wrapper: ranks may hold different numbers of test batches
+    model.eval()
+    device = device or next(model.parameters()).device
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # concat, com2, com, loss, n
+    for inputs, targets, _ in tqdm(loader, desc="test", leave=False, dynamic_ncols=True,
+                                disable=not progress):
+        inputs = inputs.to(device, non_blocking=True)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            out = model(inputs)
+            a1, a2, a3 = attention_maps(model, out)
+            out_att = model(highlight_im(inputs, a1, a2, a3))
+        logits = [o.float() for o in out[:4]]
+        com2 = sum(logits)
+        com = com2 + sum(o.float() for o in out_att[:4])
+        loss = criterion(logits[3], targets) * len(targets)
+        sums += torch.stack([(logits[3].argmax(1) == targets).sum().double(),
+                             (com2.argmax(1) == targets).sum().double(),
+                             (com.argmax(1) == targets).sum().double(),
+                             loss.double(), torch.tensor(len(targets), device=device).double()])
+    correct_concat, correct_com2, correct_com, loss_sum, n = dist.all_reduce_sum(sums.tolist())
+    n = max(n, 1)
+    return {"acc_concat": 100.0 * correct_concat / n, "acc_com2": 100.0 * correct_com2 / n,
+            "acc_combined": 100.0 * correct_com / n, "loss": loss_sum / n, "samples": int(n)}

@@ -1,0 +1,392 @@
+"""Train and evaluate CMAL-Net on any train/test image-folder dataset.
+
+    python train.py --data_path=DATA --num_classes=N [--weights=imagenet21k] [--resume] ...
+    torchrun --nproc_per_node=K train.py ...        (several GPUs, or CPU processes)
+
+The dataset scripts (train_Stanford_Cars_TResNet_L.py, ...) call main() with their own defaults;
+`--help` lists every setting. A run writes into output_dir: last.pt (every epoch), best.pt (best
+combined test accuracy), results_train.txt / results_test.txt (the reference's formats) and
+log.jsonl (one JSON record per epoch).
+"""
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import checkpoint as ckpt_io
+import distributed as dist
+from data import BadImageError, DatasetError, build_loaders, mix_seed
+from engine import (NonFiniteLossError, evaluate, make_optimizer, new_epoch_stats, summarise_train,
+                    train_one_epoch)
+from model import build_cmal
+from src.models import WeightsError
+
+# Every setting, with the reference's defaults and a line of help. The dataset scripts replace
+# some defaults; the command line overrides any of them (--name=value).
+SETTINGS = {
+    "data_path": (None, "dataset root holding train/<class>/ and test/<class>/"),
+    "num_classes": (None, "number of classes (checked against the class folders)"),
+    "epochs": (200, "training epochs"),
+    "batch_size": (16, "training batch (over all processes)"),
+    "test_batch_size": (3, "evaluation batch per process"),
+    "workers": (4, "data loading processes per training process"),
+    "output_dir": ("Results", "folder for checkpoints and logs"),
+    "weights": ("", "TResNet-L-V2 backbone weights: a file, a URL, 'stanford_cars' or "
+                    "'imagenet21k' (published files), or '' for random initialisation"),
+    "lr": (0.002, "learning rate of the heads (cosine-annealed per epoch)"),
+    "backbone_lr": (0.0002, "learning rate of the backbone"),
+    "momentum": (0.9, "SGD momentum"),
+    "weight_decay": (5e-4, "SGD weight decay"),
+    "image_size": (368, "training and test crop size in pixels (a multiple of 4, at least 32)"),
+    "resize": (421, "images are first resized to resize x resize"),
+    "crop_padding": (8, "padding of the random training crop"),
+    "eval_every": (0, "evaluate every N epochs; 0 keeps the reference schedule (the first 5 "
+                      "epochs and the second half) and the last epoch"),
+    "seed": (0, "seed of initialisation, data order, augmentation and crop choices"),
+    "device": ("auto", "cuda, cpu, cuda:1, ... (auto: cuda when available)"),
+    "resume": ("", "continue a run: a checkpoint path, or bare --resume for "
+                   "output_dir/last.pt (a fresh start when there is none yet)"),
+    "test_only": (False, "only evaluate a checkpoint (--resume=PATH, default output_dir/best.pt)"),
+    "save_every": (0, "also write last.pt every N iterations inside an epoch (0: epoch ends only)"),
+    "amp": ("none", "mixed precision: none, bf16 or fp16 (fp16 uses a gradient scaler)"),
+    "channels_last": (False, "channels-last memory format"),
+    "compile": (False, "torch.compile the network"),
+    "layers": ("3,4,23,3", "TResNet blocks per stage (smaller for quick experiments)"),
+    "width_factor": (1.0, "TResNet width factor (1.0: TResNet-L-V2)"),
+    "head_mid": (512, "channels of the first conv of each expert's block"),
+    "head_features": (1024, "channels of each expert's feature map"),
+    "head_hidden": (512, "hidden width of each classifier"),
+    "pure_abn": (False, "use the pure-PyTorch ABN even when inplace_abn is installed"),
+    "skip_bad_images": (False, "skip unreadable images with a warning instead of stopping"),
+    "max_image_pixels": (89478485, "refuse images with more pixels (decompression bombs)"),
+    "progress": (True, "show progress bars"),
+}
+
+
+def _bool(text):
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_settings(defaults=None, argv=None, description=None):
+    """Settings from SETTINGS, the caller's `defaults`, then the command line."""
+    defaults = {**{k: v for k, (v, _) in SETTINGS.items()}, **(defaults or {})}
+    unknown = set(defaults) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, (_, help_text) in SETTINGS.items():
+        default = defaults[name]
+        if isinstance(SETTINGS[name][0], bool):
+            parser.add_argument(f"--{name}", type=_bool, nargs="?", const=True, default=default,
+                                help=help_text)
+        elif name == "resume":
+            parser.add_argument("--resume", nargs="?", const="auto", default=default,
+                                help=help_text)
+        else:
+            kind = type(SETTINGS[name][0]) if SETTINGS[name][0] is not None else None
+            kind = {None: str, str: str}.get(kind, kind)
+            if name == "num_classes":
+                kind = int
+            parser.add_argument(f"--{name}", type=kind, default=default, help=help_text)
+    cfg = parser.parse_args(argv)
+    _validate(parser, cfg)
+    return cfg
+
+
+def _validate(parser, cfg):
+    if not cfg.data_path:
+        parser.error("--data_path is required (or set data_path in the script's settings)")
+    try:
+        cfg.layers = tuple(int(n) for n in str(cfg.layers).split(","))
+    except ValueError:
+        parser.error(f"--layers must be four comma-separated integers, got {cfg.layers!r}")
+    if len(cfg.layers) != 4 or min(cfg.layers) < 1:
+        parser.error(f"--layers must be four positive integers, got {cfg.layers}")
+    for name in ("epochs", "batch_size", "test_batch_size", "image_size", "resize"):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.batch_size < 2:
+        parser.error("--batch_size must be at least 2 (the classifiers' BatchNorm1d needs two "
+                     "samples)")
+    if cfg.image_size % 4 or cfg.image_size < 32:
+        parser.error(f"--image_size must be a multiple of 4 and at least 32 (368 in the paper), "
+                     f"got {cfg.image_size}")
+    if cfg.resize < cfg.image_size:
+        parser.error(f"--resize ({cfg.resize}) must be at least --image_size ({cfg.image_size})")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        parser.error(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
+    if cfg.num_classes is not None and cfg.num_classes < 2:
+        parser.error(f"--num_classes must be at least 2, got {cfg.num_classes}")
+    if cfg.workers < 0 or cfg.eval_every < 0 or cfg.save_every < 0:
+        parser.error("--workers, --eval_every and --save_every cannot be negative")
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={name} but no CUDA GPU is visible; use --device=cpu")
+    return device
+
+
+def should_evaluate(epoch, cfg):
+    if epoch == cfg.epochs - 1:
+        return True
+    if cfg.eval_every:
+        return (epoch + 1) % cfg.eval_every == 0
+    # The reference evaluates when epoch < 5 or epoch >= 100, for 200 epochs.
+    return epoch < 5 or epoch >= cfg.epochs // 2
+
+
+def log(*args):
+    if dist.is_main():
+        print(*args, flush=True)
+
+
+def epoch_line(record, cfg, best):
+    line = (f"epoch {record['epoch'] + 1:3d}/{cfg.epochs} | train acc {record['train_acc']:6.2f}% "
+            f"loss {record['train_loss']:.4f} (e1 {record['loss1']:.3f} e2 {record['loss2']:.3f} "
+            f"e3 {record['loss3']:.3f} att {record['loss_att']:.3f} concat "
+            f"{record['loss_concat']:.3f})")
+    if record.get("test"):
+        t = record["test"]
+        line += (f" | test concat {t['acc_concat']:6.2f}% com2 {t['acc_com2']:6.2f}% combined "
+                 f"{t['acc_combined']:6.2f}% (best {best:.2f}%)")
+    if record.get("skipped"):
+        line += f" | {record['skipped']} bad images skipped"
+    return line + f" | {record['time']:.0f}s"
+
+
+class StopRequest:
+    """SIGINT / SIGTERM: finish the current iteration, save, and stop. A second one stops now."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        log(f"\n{self.signal} received: stopping after this iteration and saving a checkpoint "
+            "(send it again to stop at once)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self):
+        local = self.signal is not None
+        return dist.all_reduce_sum([float(local)])[0] > 0 if dist.is_distributed() else local
+
+
+def build_model(cfg, weights=None):
+    return build_cmal(cfg.num_classes, weights=weights or None, mid_channels=cfg.head_mid,
+                      feature_channels=cfg.head_features, hidden=cfg.head_hidden,
+                      layers=cfg.layers, width_factor=cfg.width_factor,
+                      pure_abn=True if cfg.pure_abn else None)
+
+
+def resume_path(cfg):
+    """The checkpoint to continue from, or None for a fresh start."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        path = Path(cfg.output_dir) / "last.pt"
+        if not path.exists():
+            log(f"--resume: {path} does not exist yet; starting a new run")
+            return None
+        return path
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise ckpt_io.CheckpointError(f"--resume={path}: no such file")
+    return path
+
+
+def run(cfg):
+    device = pick_device(cfg.device)
+    if dist.launched_by_torchrun():
+        local_rank = dist.init(device.type)
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+    train_loader, test_loader, classes = build_loaders(cfg, dist.rank(), dist.world_size(),
+                                                       pin_memory=device.type == "cuda")
+    out_dir = Path(cfg.output_dir)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    criterion = nn.CrossEntropyLoss()
+
+    if cfg.test_only:
+        return test_only(cfg, device, test_loader, criterion, amp_dtype)
+
+    path = resume_path(cfg)
+    model = build_model(cfg, weights=None if path else cfg.weights).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    # stats: the running sums of an epoch interrupted midway (None at an epoch boundary).
+    state = {"epoch": 0, "stats": None, "best_acc": 0.0, "best_epoch": None, "history": []}
+    if path:
+        ck = ckpt_io.load(path)
+        ckpt_io.load_model_state(model, ck, path)
+        optimizer.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        state = {k: ck[k] for k in state}
+        if state["stats"]:
+            ckpt_io.restore_rng(ck["rng"])
+        log(f"resumed from {path}: epoch {state['epoch'] + 1}"
+            + (f", batch {state['stats']['position']}" if state["stats"] else "")
+            + f", best combined accuracy {state['best_acc']:.2f}%")
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_io.write_logs(out_dir, state["history"])  # drop records of an unfinished epoch
+
+    net = model
+    if dist.is_distributed():
+        # Each of the five passes uses only part of the heads: the others get no gradient.
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    def checkpoint(epoch, stats):
+        if dist.is_main():
+            ckpt_io.save({"format": ckpt_io.FORMAT, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(),
+                          "scaler": scaler.state_dict() if scaler else None,
+                          "epoch": epoch, "stats": stats, "best_acc": state["best_acc"],
+                          "best_epoch": state["best_epoch"], "history": state["history"],
+                          "settings": _plain(vars(cfg)), "classes": classes,
+                          "rng": ckpt_io.rng_state()}, out_dir / "last.pt")
+
+    log(f"CMAL-Net: {len(train_loader.dataset)} train / {len(test_loader.dataset)} test images, "
+        f"{len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}, device {device}"
+        + (f" x {dist.world_size()} processes" if dist.is_distributed() else ""))
+    per_rank_batch = cfg.batch_size // dist.world_size()
+    with StopRequest() as stop:
+        for epoch in range(state["epoch"], cfg.epochs):
+            stats = state["stats"] or new_epoch_stats()
+            if not state["stats"]:
+                # Each epoch's crop choices depend on (seed, epoch) only, so that an epoch
+                # restarted after a crash repeats exactly.
+                torch.manual_seed(mix_seed(cfg.seed, epoch, 2))
+            train_loader.sampler.set_epoch(epoch, start=stats["position"] * per_rank_batch)
+            t0 = time.time()
+
+            def after_batch(stats, epoch=epoch):
+                if stop.requested():
+                    return True
+                if cfg.save_every and stats["position"] % cfg.save_every == 0:
+                    checkpoint(epoch, stats)
+                return False
+
+            stats, finished = train_one_epoch(
+                net, optimizer, train_loader, criterion, device, epoch, cfg.epochs, stats=stats,
+                amp_dtype=amp_dtype, scaler=scaler, channels_last=cfg.channels_last,
+                after_batch=after_batch, progress=cfg.progress and dist.is_main())
+            if not finished:
+                checkpoint(epoch, stats)
+                log(f"stopped by {stop.signal} at epoch {epoch + 1}, batch {stats['position']}; "
+                    f"{out_dir / 'last.pt'} is saved: continue with --resume")
+                return 128 + signal.Signals[stop.signal].value
+            record = {"epoch": epoch, **summarise_train(stats),
+                      "lr": optimizer.param_groups[0]["lr"],
+                      "backbone_lr": optimizer.param_groups[-1]["lr"]}
+            if should_evaluate(epoch, cfg):
+                record["test"] = evaluate(net, test_loader, criterion, device, amp_dtype,
+                                          cfg.channels_last, progress=cfg.progress and dist.is_main())
+            record["time"] = time.time() - t0
+            state["history"].append(record)
+            is_best = bool(record.get("test")) and record["test"]["acc_combined"] > state["best_acc"]
+            if is_best:
+                state["best_acc"], state["best_epoch"] = record["test"]["acc_combined"], epoch
+            state["stats"] = None
+            checkpoint(epoch + 1, None)
+            if is_best and dist.is_main():
+                ckpt_io.link_or_copy(out_dir / "last.pt", out_dir / "best.pt")
+            if dist.is_main():
+                ckpt_io.write_logs(out_dir, state["history"])
+            log(epoch_line(record, cfg, state["best_acc"]))
+            if stop.requested():
+                log(f"stopped by {stop.signal} after epoch {epoch + 1}; continue with --resume")
+                return 128 + signal.Signals[stop.signal].value
+    log(f"done: best combined test accuracy {state['best_acc']:.2f}%"
+        + (f" at epoch {state['best_epoch'] + 1}" if state["best_epoch"] is not None else "")
+        + f"; checkpoints and logs in {out_dir}")
+    return 0
+
+
+def _plain(d):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def test_only(cfg, device, test_loader, criterion, amp_dtype):
+    path = Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else Path(cfg.output_dir) / "best.pt"
+    if not path.is_file():
+        raise ckpt_io.CheckpointError(f"--test_only needs a checkpoint: {path} does not exist "
+                                      "(pass --resume=PATH)")
+    ck = ckpt_io.load(path)
+    model = build_model(cfg).to(device)
+    ckpt_io.load_model_state(model, ck, path)
+    result = evaluate(model, test_loader, criterion, device, amp_dtype, cfg.channels_last,
+                      progress=cfg.progress and dist.is_main())
+    log(f"{path} (epoch {ck['epoch']}): test concat {result['acc_concat']:.2f}% com2 "
+        f"{result['acc_com2']:.2f}% combined {result['acc_combined']:.2f}% loss "
+        f"{result['loss']:.4f} on {result['samples']} images")
+    return 0
+
+
+def main(defaults=None, argv=None, description=None):
+    """Entry point of every training script: parse settings, run, and turn known failures into
+    one clear line and a non-zero exit status."""
+    cfg = parse_settings(defaults, argv, description)
+    try:
+        return run(cfg)
+    except (DatasetError, WeightsError, ckpt_io.CheckpointError, NonFiniteLossError,
+            BadImageError) as exc:
+        print(f"error: {_last_line(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
+
+
+def main_from_script(script_globals, argv=None):
+    """main() with the settings a dataset script defines at its top (any name of SETTINGS)."""
+    defaults = {k: v for k, v in script_globals.items() if k in SETTINGS}
+    doc = (script_globals.get("__doc__") or "").strip()
+    return main(defaults, argv, description=doc.split("\n")[0] or None)
+
+
+def _last_line(exc):
+    # Errors raised in DataLoader workers arrive with the worker's traceback in their message;
+    # its last line is "module.ErrorName: message".
+    text = str(exc).strip()
+    if "Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+if __name__ == "__main__":
+    sys.exit(main())
