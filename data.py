@@ -253,6 +253,9 @@ def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
         raise DatasetError(f"batch_size={cfg.batch_size} must split into at least two samples "
                            f"for each of the {world_size} processes")
     train_tf, test_tf = build_transforms(cfg.image_size, cfg.resize, cfg.crop_padding)
+    # Loaders get generators of their own: otherwise each epoch's iterator draws its worker
+    # seed from the global generator, which also picks the crops (train_step), and a resumed
+    # epoch would see another stream than an uninterrupted one.
     common = dict(num_workers=cfg.workers, collate_fn=collate_skipping, pin_memory=pin_memory,
                   persistent_workers=cfg.workers > 0)
     train_set = ImageDataset(samples["train"], classes, train_tf, cfg.skip_bad_images,
@@ -261,10 +264,11 @@ def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
                             cfg.max_image_pixels)
     train = DataLoader(train_set, batch_size=cfg.batch_size // world_size, drop_last=True,
                        sampler=EpochSampler(len(train_set), cfg.seed, True, rank, world_size),
-                       **common)
+                       generator=torch.Generator().manual_seed(cfg.seed), **common)
     test = DataLoader(test_set, batch_size=cfg.test_batch_size,
                       sampler=EpochSampler(len(test_set), cfg.seed, False, rank, world_size,
-                                           pad=False), **common)
+                                           pad=False),
+                      generator=torch.Generator().manual_seed(cfg.seed), **common)
     if len(train) == 0:
         raise DatasetError(f"{cfg.data_path}/train has {len(train_set)} images, fewer than one "
                            f"batch of {cfg.batch_size}; lower --batch_size or add images")

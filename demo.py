@@ -21,6 +21,10 @@ import train
 
 DATA = Path(__file__).resolve().parent / "data" / "demo"
 MARKS = ("plus", "cross", "ring", "bar", "dots", "triangle")
+# One colour per class (None: the same yellow for all).
+MARK_COLORS = None
+MARK_SCALE = 0.75  # mark radius relative to the head radius
+BODY = (12, 18)  # body half-length range at 96 px (scaled with IMAGE_SIZE)
 IMAGE_SIZE = 96
 TRAIN_PER_CLASS = 60
 TEST_PER_CLASS = 20
@@ -89,12 +93,13 @@ def _mark(draw, kind, cx, cy, r, angle, color):
         draw.polygon([rot(0, -r), rot(r * 0.9, r * 0.6), rot(-r * 0.9, r * 0.6)], fill=color)
 
 
-def render(kind, rng, size=IMAGE_SIZE):
+def render(kind, rng, size=None):
     """One image of class `kind`: clutter, a bird-like body, and the class mark on its head."""
+    size = size or IMAGE_SIZE
     img = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(60, 200, 3)))
     draw = ImageDraw.Draw(img)
     _clutter(draw, rng, size)
-    body = int(rng.integers(12, 18))  # half-length of the body
+    body = int(rng.integers(round(BODY[0] * size / 96), round(BODY[1] * size / 96)))
     cx, cy = rng.integers(body + 8, size - body - 8, 2)
     heading = rng.uniform(0, 2 * math.pi)
     hx, hy = cx + 1.1 * body * math.cos(heading), cy + 1.1 * body * math.sin(heading)
@@ -104,7 +109,8 @@ def render(kind, rng, size=IMAGE_SIZE):
     head = body * 0.55
     draw.ellipse([hx - head, hy - head, hx + head, hy + head], fill=(shade + 20,) * 3,
                  outline=(20, 20, 20))
-    _mark(draw, kind, hx, hy, head * 0.75, rng.uniform(-0.3, 0.3), (250, 220, 30))
+    color = MARK_COLORS[MARKS.index(kind)] if MARK_COLORS else (250, 220, 30)
+    _mark(draw, kind, hx, hy, head * MARK_SCALE, rng.uniform(-0.3, 0.3), color)
     return img
 
 

@@ -33,6 +33,17 @@ def make_optimizer(net, lr=0.002, backbone_lr=0.0002, momentum=0.9, weight_decay
     return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
 
 
+def zero_fill_grads(net):
+    """Give every parameter a zero gradient, as it has after any iteration (see train_step).
+
+    A resumed run needs it: a fresh process starts with None gradients, which the optimizer
+    would skip, so parameters outside the first pass's loss would miss one decay step.
+    """
+    for p in net.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def set_learning_rates(optimizer, epoch, nb_epoch):
     for group in optimizer.param_groups:
         group["lr"] = cosine_anneal_schedule(epoch, nb_epoch, group["base_lr"])

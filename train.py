@@ -21,7 +21,7 @@ import checkpoint as ckpt_io
 import distributed as dist
 from data import BadImageError, DatasetError, build_loaders, mix_seed
 from engine import (NonFiniteLossError, evaluate, make_optimizer, new_epoch_stats, summarise_train,
-                    train_one_epoch)
+                    train_one_epoch, zero_fill_grads)
 from model import build_cmal
 from src.models import WeightsError
 
@@ -252,6 +252,7 @@ def run(cfg):
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         state = {k: ck[k] for k in state}
+        zero_fill_grads(model)
         if state["stats"]:
             ckpt_io.restore_rng(ck["rng"])
         log(f"resumed from {path}: epoch {state['epoch'] + 1}"

@@ -1,0 +1,133 @@
+"""Whole runs of the training CLI on a tiny generated dataset: logs, checkpoints, resume,
+evaluation-only, reproducibility."""
+import json
+import re
+
+import pytest
+import torch
+
+import checkpoint as ckpt_io
+import train
+from tests.conftest import TINY_ARGS
+
+TRAIN_LINE = re.compile(r"^Iteration \d+ \| train_acc = \d+\.\d{5} \| train_loss = \d+\.\d{5} \| "
+                        r"Loss1: \d+\.\d{3} \| Loss2: \d+\.\d{5} \| Loss3: \d+\.\d{5} \| "
+                        r"Loss_ATT: \d+\.\d{5} \| Loss_concat: \d+\.\d{5} \|$")
+TEST_LINE = re.compile(r"^Iteration \d+, test_acc_combined = \d+\.\d{5}, test_loss = \d+\.\d{6}$")
+
+
+def run(data, out, *extra):
+    return train.main({"data_path": str(data), "num_classes": 3, "output_dir": str(out)},
+                      TINY_ARGS + list(extra))
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_end_to_end_logs_and_checkpoints(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(image_folder, out, "--epochs=3", "--eval_every=2") == 0
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"^epoch +\d/3 \| train acc", printed, re.M)) == 3
+    assert "test concat" in printed and "combined" in printed
+    train_lines = (out / "results_train.txt").read_text().splitlines()
+    assert [int(line.split()[1]) for line in train_lines] == [0, 1, 2]
+    assert all(TRAIN_LINE.match(line) for line in train_lines), train_lines
+    test_lines = (out / "results_test.txt").read_text().splitlines()
+    assert [int(line.split()[1].rstrip(",")) for line in test_lines] == [1, 2]  # every 2nd + last
+    assert all(TEST_LINE.match(line) for line in test_lines), test_lines
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    last = ckpt_io.load(out / "last.pt")
+    assert last["epoch"] == 3 and last["stats"] is None
+    assert last["classes"] == ["class_0", "class_1", "class_2"]
+    assert set(last) >= {"model", "optimizer", "epoch", "best_acc", "settings", "rng", "history"}
+    best = ckpt_io.load(out / "best.pt")
+    assert best["best_acc"] == max(r["test"]["acc_combined"] for r in records if "test" in r)
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_reference_evaluation_schedule():
+    cfg = train.parse_settings({"data_path": "x"}, [])
+    evaluated = [e for e in range(200) if train.should_evaluate(e, cfg)]
+    assert evaluated == list(range(5)) + list(range(100, 200))
+
+
+def test_seeded_runs_are_identical(image_folder, tmp_path):
+    assert run(image_folder, tmp_path / "a", "--epochs=2") == 0
+    assert run(image_folder, tmp_path / "b", "--epochs=2") == 0
+    assert_same_weights(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt"))
+    assert (tmp_path / "a" / "results_train.txt").read_text() == \
+        (tmp_path / "b" / "results_train.txt").read_text()
+    assert run(image_folder, tmp_path / "c", "--epochs=2", "--seed=1") == 0
+    assert not torch.equal(weights(tmp_path / "a" / "last.pt")["classifier1.4.weight"],
+                           weights(tmp_path / "c" / "last.pt")["classifier1.4.weight"])
+
+
+def _stop_after(monkeypatch, calls):
+    """Make the n-th stop check report a SIGTERM (one check per iteration, one per epoch end)."""
+    count = {"n": 0}
+
+    def requested(self):
+        count["n"] += 1
+        if count["n"] == calls:
+            self.signal = "SIGTERM"
+        return self.signal is not None
+    monkeypatch.setattr(train.StopRequest, "requested", requested)
+
+
+# 6 iterations per epoch. Check 4: inside epoch 1; 6: its last iteration; 7: after its
+# evaluation (an epoch boundary); 10: inside epoch 2.
+@pytest.mark.parametrize("stop_at, epoch, position", [(4, 0, 4), (6, 0, 6), (7, 1, None),
+                                                      (10, 1, 3)])
+def test_stop_and_resume_equals_an_uninterrupted_run(image_folder, tmp_path, monkeypatch,
+                                                     stop_at, epoch, position):
+    assert run(image_folder, tmp_path / "full", "--epochs=3", "--eval_every=1") == 0
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        _stop_after(m, stop_at)
+        assert run(image_folder, out, "--epochs=3", "--eval_every=1") == 143
+    ck = ckpt_io.load(out / "last.pt")
+    assert ck["epoch"] == epoch
+    assert (ck["stats"] and ck["stats"]["position"]) == position
+    assert run(image_folder, out, "--epochs=3", "--eval_every=1", "--resume") == 0
+    full = ckpt_io.load(tmp_path / "full" / "last.pt")
+    resumed = ckpt_io.load(out / "last.pt")
+    assert_same_weights(full["model"], resumed["model"])
+    assert full["optimizer"]["param_groups"] == resumed["optimizer"]["param_groups"]
+    for name in ("results_train.txt", "results_test.txt", "log.jsonl"):
+        strip = (lambda t: re.sub(r'"time": [0-9.e-]+', "", t)) if name == "log.jsonl" else str
+        assert strip((out / name).read_text()) == strip((tmp_path / "full" / name).read_text())
+
+
+def test_test_only_scores_a_checkpoint(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(image_folder, out, "--epochs=2", "--eval_every=1") == 0
+    best = ckpt_io.load(out / "best.pt")
+    capsys.readouterr()
+    assert run(image_folder, out, "--test_only") == 0
+    printed = capsys.readouterr().out
+    expected = [r["test"]["acc_combined"] for r in best["history"] if r["epoch"] == best["best_epoch"]][0]
+    assert f"combined {expected:.2f}%" in printed
+    assert run(image_folder, out, "--test_only", f"--resume={out / 'last.pt'}") == 0
+
+
+def test_resume_errors_change_nothing(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(image_folder, out, "--epochs=1") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run(image_folder, out, "--epochs=2", f"--resume={tmp_path / 'missing.pt'}") == 2
+    assert "no such file" in capsys.readouterr().err
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    assert run(image_folder, out, "--epochs=2", f"--resume={tmp_path / 'foreign.pt'}") == 2
+    assert "not a CMAL-Net training checkpoint" in capsys.readouterr().err
+    assert run(image_folder, out, "--epochs=2", "--resume", "--width_factor=0.25") == 2
+    assert "shape mismatches" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
