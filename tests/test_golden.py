@@ -54,8 +54,20 @@ def assert_values(tensor, ref, name):
     torch.testing.assert_close(tensor.double(), values, rtol=RTOL, atol=RTOL * scale, msg=name)
 
 
+@pytest.fixture(scope="module")
+def reference_threads():
+    """The golden network amplifies float32 rounding (train-mode batch statistics of two
+    samples; even a float64 run differs from the file by 2e-2 in train logits). Matching it to
+    1e-4 means rounding as the reference run did, which PyTorch's CPU kernels do with two or
+    more threads (checked with 2 and 4), not with one (conftest's default for speed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=["inplace", "pure"])
-def golden_run(request):
+def golden_run(request, reference_threads):
     from src.models import inplace_abn_available
     if request.param == "inplace" and not inplace_abn_available():
         pytest.skip("inplace_abn is not installed (make setup builds it)")
