@@ -1,0 +1,171 @@
+"""Throughput and memory of one CMAL-Net training iteration (train_step) and of evaluation.
+
+    python bench.py                                  # full TResNet-L-V2, 224 px, batch 4, auto device
+    python bench.py --image_size=368 --batch=16 --device=cuda --amp=bf16 --channels_last
+
+For each of train_step and evaluate it prints images/s, peak memory, FLOPs per image (counted
+by torch.utils.flop_counter) and the achieved GFLOP/s, next to the GFLOP/s of a large float32
+matmul on the same device: the fraction says how well the convolutions use the machine. Each
+measurement runs in a fresh process, so that peak memory is its own.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from engine import evaluate, make_optimizer, train_step
+from model import build_cmal
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--num_classes", type=int, default=200)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    p.add_argument("--layers", default="3,4,23,3")
+    p.add_argument("--width_factor", type=float, default=1.0)
+    p.add_argument("--head_mid", type=int, default=512)
+    p.add_argument("--head_features", type=int, default=1024)
+    p.add_argument("--head_hidden", type=int, default=512)
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--pure_abn", action="store_true", help="the pure-PyTorch ABN")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    p.add_argument("--mode", default="all", choices=["all", "train", "eval", "matmul"],
+                   help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def matmul_gflops(device, n=4096, dtype=torch.float32, seconds=2.0):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+        _sync(device)
+    return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
+
+
+def _count_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def measure(args):
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mode == "matmul":
+        return {"matmul_gflops": matmul_gflops(device)}
+    torch.manual_seed(0)
+    net = build_cmal(args.num_classes, layers=tuple(int(n) for n in args.layers.split(",")),
+                     width_factor=args.width_factor, mid_channels=args.head_mid,
+                     feature_channels=args.head_features, hidden=args.head_hidden,
+                     pure_abn=True if args.pure_abn else None)
+    net = net.to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.arange(args.batch, device=device) % args.num_classes
+    criterion = nn.CrossEntropyLoss()
+    runner = torch.compile(net) if args.compile else net
+    if args.mode == "train":
+        optimizer = make_optimizer(net)
+
+        def once():
+            train_step(runner, optimizer, x, y, criterion, amp_dtype=amp_dtype, scaler=scaler)
+    else:
+        loader = [(x, y, 0)]
+
+        def once():
+            evaluate(net, loader, criterion, device, amp_dtype, args.channels_last)
+    for _ in range(args.warmup):
+        once()
+    flops = _count_flops(once) if not args.compile else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        once()
+    _sync(device)
+    seconds = (time.perf_counter() - t0) / args.iters
+    result = {"images_per_s": args.batch / seconds, "seconds_per_batch": seconds,
+              "peak_mb": _peak_mb(device)}
+    if flops:
+        result["gflop_per_image"] = flops / args.batch / 1e9
+        result["gflops"] = flops / seconds / 1e9
+    return result
+
+
+def _child(args, mode):
+    argv = [a for a in sys.argv[1:] if not a.startswith("--mode")] + [f"--mode={mode}", "--json"]
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.mode != "all":
+        print(json.dumps(measure(args)))
+        return 0
+    device = _device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"device: {device} ({name}); torch {torch.__version__}; input {args.image_size} px, "
+          f"batch {args.batch}, layers {args.layers}, width {args.width_factor}, amp {args.amp}, "
+          f"channels_last {args.channels_last}, compile {args.compile}")
+    mm = _child(args, "matmul")["matmul_gflops"]
+    print(f"matmul (float32, 4096^2): {mm:.1f} GFLOP/s")
+    for mode, label in (("train", "train_step"), ("eval", "evaluate")):
+        r = _child(args, mode)
+        line = f"{label:10s}: {r['images_per_s']:8.2f} img/s  peak memory {r['peak_mb']:8.0f} MB"
+        if "gflops" in r:
+            line += (f"  {r['gflop_per_image']:6.1f} GFLOP/img  {r['gflops']:7.1f} GFLOP/s "
+                     f"({100 * r['gflops'] / mm:.0f}% of matmul)")
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
