@@ -62,6 +62,12 @@ def link_or_copy(src, dst):
     os.replace(tmp, dst)
 
 
+def remove_partial_files(folder):
+    """Delete temporary files a killed process left behind (they never replaced a real file)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": _numpy_state_to_plain(np.random.get_state())}

@@ -55,20 +55,20 @@ def _to_rgb(img):
 
 
 def load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS):
-    """Decode an image file fully into RGB, or raise BadImageError saying why not."""
+    """Decode an image file fully into RGB, or raise BadImageError saying why not.
+
+    Images above `max_pixels` are refused from their header, before any decoding.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own check, which runs at open()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                if max_pixels and img.width * img.height > max_pixels:
-                    raise BadImageError(path, f"{img.width}x{img.height} pixels is above the "
-                                              f"limit of {max_pixels} (a decompression bomb?)")
                 img.load()  # decode now, so that a truncated file fails here and not later
                 return _to_rgb(img)
-    except BadImageError:
-        raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise BadImageError(path, f"too many pixels ({exc})") from None
+        raise BadImageError(path, f"too many pixels ({exc}); if the image is genuine, raise "
+                                  "--max_image_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImageError(path, f"not a readable image ({exc})") from None
 
@@ -77,59 +77,94 @@ def class_folders(split_dir):
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(folder):
-    files = []
+def _class_files(folder):
+    """(image files, other files) below a class folder, sorted, hidden files left out."""
+    images, others = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        files += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if is_image_file(f) and not f.startswith(".")]
-    return files
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith("."):
+                (images if is_image_file(f) else others).append(os.path.join(dirpath, f))
+    return images, others
+
+
+class Layout:
+    """What a dataset folder holds: class names, samples per split, and its layout problems."""
+
+    def __init__(self, root, num_classes=None):
+        self.root = Path(root)
+        self.classes = []
+        self.samples = {split: [] for split in SPLITS}
+        self.ignored = []  # files in class folders that are not images
+        self.problems = []
+        self._scan(num_classes)
+
+    def _scan(self, num_classes):
+        root = self.root
+        layout = (f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> "
+                  "(prepare_data.py converts the official downloads to it)")
+        if not root.is_dir():
+            self.problems.append(f"data path {root} does not exist or is not a folder; set "
+                                 f"data_path in the script's settings or pass --data_path=... "
+                                 f"({layout})")
+            return
+        names = {}
+        for split in SPLITS:
+            if not (root / split).is_dir():
+                self.problems.append(f"{root} has no '{split}' folder: {layout}")
+            elif not class_folders(root / split):
+                self.problems.append(f"{root / split} holds no class folders: {layout}")
+            else:
+                names[split] = class_folders(root / split)
+        if len(names) < len(SPLITS):
+            return
+        if names["train"] != names["test"]:
+            only_train = sorted(set(names["train"]) - set(names["test"]))
+            only_test = sorted(set(names["test"]) - set(names["train"]))
+            self.problems.append(
+                f"train and test of {root} list different classes: only in train: "
+                f"{_some(only_train)}; only in test: {_some(only_test)}. Both splits must hold "
+                "the same class folders.")
+            return
+        self.classes = names["train"]
+        if num_classes is not None and len(self.classes) != num_classes:
+            self.problems.append(
+                f"{root}/train has {len(self.classes)} class folders but num_classes is "
+                f"{num_classes}; fix the data or pass --num_classes={len(self.classes)}")
+        for split in SPLITS:
+            empty = []
+            for target, name in enumerate(self.classes):
+                images, others = _class_files(root / split / name)
+                self.samples[split] += [(f, target) for f in images]
+                self.ignored += others
+                if not images:
+                    empty.append(name)
+            if empty:
+                self.problems.append(
+                    f"{root / split} has class folders with no image files: {_some(empty)}; add "
+                    "images or remove the class from both splits (image extensions: "
+                    f"{', '.join(IMG_EXTENSIONS)})")
+
+
+def _some(names, limit=10):
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def check_layout(root, num_classes=None):
     """Check `root`/train and `root`/test as class folders; return (classes, samples per split).
 
-    Raises DatasetError naming the folder at fault and what to do.
+    Raises DatasetError listing every layout problem, each naming the folder at fault and what
+    to do.
     """
-    root = Path(root)
-    layout = (f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> "
-              "(prepare_data.py converts the official downloads to it)")
-    if not root.is_dir():
-        raise DatasetError(f"data path {root} does not exist or is not a folder; set data_path in "
-                           f"the script's settings or pass --data_path=... ({layout})")
-    classes = {}
-    for split in SPLITS:
-        if not (root / split).is_dir():
-            raise DatasetError(f"{root} has no '{split}' folder: {layout}")
-        classes[split] = class_folders(root / split)
-        if not classes[split]:
-            raise DatasetError(f"{root / split} holds no class folders: {layout}")
-    if classes["train"] != classes["test"]:
-        only_train = sorted(set(classes["train"]) - set(classes["test"]))
-        only_test = sorted(set(classes["test"]) - set(classes["train"]))
-        raise DatasetError(
-            f"train and test of {root} list different classes: only in train: "
-            f"{only_train[:10] or 'none'}; only in test: {only_test[:10] or 'none'}. Both splits must hold the same "
-            "class folders.")
-    names = classes["train"]
-    if num_classes is not None and len(names) != num_classes:
-        raise DatasetError(f"{root}/train has {len(names)} class folders but num_classes is "
-                           f"{num_classes}; fix the data or pass --num_classes={len(names)}")
-    samples = {}
-    for split in SPLITS:
-        samples[split] = []
-        empty = []
-        for target, name in enumerate(names):
-            files = _image_files(root / split / name)
-            if not files:
-                empty.append(name)
-            samples[split] += [(f, target) for f in files]
-        if empty:
-            raise DatasetError(f"{root / split} has class folders with no image files: "
-                               f"{empty[:10]}{' ...' if len(empty) > 10 else ''}; add images or "
-                               f"remove the class from both splits (image extensions: "
-                               f"{', '.join(IMG_EXTENSIONS)})")
-    return names, samples
+    layout = Layout(root, num_classes)
+    if layout.problems:
+        raise DatasetError("\n".join(layout.problems))
+    if layout.ignored:
+        warnings.warn(f"{len(layout.ignored)} files in {root} are not images and are ignored, "
+                      f"e.g. {layout.ignored[0]} (python check_data.py {root} lists them)")
+    return layout.classes, layout.samples
 
 
 def build_transforms(image_size=368, resize=421, crop_padding=8):

@@ -249,6 +249,10 @@ def run(cfg):
         ck = ckpt_io.load(path)
         ckpt_io.load_model_state(model, ck, path)
         optimizer.load_state_dict(ck["optimizer"])
+        for group, fresh in zip(optimizer.param_groups, make_optimizer(
+                model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay).param_groups):
+            # Settings given now win over the saved ones (the same, for a plain resume).
+            group.update({k: fresh[k] for k in ("base_lr", "momentum", "weight_decay")})
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         state = {k: ck[k] for k in state}
@@ -260,6 +264,7 @@ def run(cfg):
             + f", best combined accuracy {state['best_acc']:.2f}%")
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_partial_files(out_dir)
         ckpt_io.write_logs(out_dir, state["history"])  # drop records of an unfinished epoch
 
     net = model
@@ -271,7 +276,9 @@ def run(cfg):
     if cfg.compile:
         net = torch.compile(net)
 
-    def checkpoint(epoch, stats):
+    def checkpoint(epoch, stats, best=False):
+        """Write last.pt; a new best is written to best.pt first and last.pt made a link to it,
+        so that a crash in between leaves last.pt behind best.pt, never ahead of it."""
         if dist.is_main():
             ckpt_io.save({"format": ckpt_io.FORMAT, "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(),
@@ -279,7 +286,9 @@ def run(cfg):
                           "epoch": epoch, "stats": stats, "best_acc": state["best_acc"],
                           "best_epoch": state["best_epoch"], "history": state["history"],
                           "settings": _plain(vars(cfg)), "classes": classes,
-                          "rng": ckpt_io.rng_state()}, out_dir / "last.pt")
+                          "rng": ckpt_io.rng_state()}, out_dir / ("best.pt" if best else "last.pt"))
+            if best:
+                ckpt_io.link_or_copy(out_dir / "best.pt", out_dir / "last.pt")
 
     log(f"CMAL-Net: {len(train_loader.dataset)} train / {len(test_loader.dataset)} test images, "
         f"{len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}, device {device}"
@@ -323,9 +332,7 @@ def run(cfg):
             if is_best:
                 state["best_acc"], state["best_epoch"] = record["test"]["acc_combined"], epoch
             state["stats"] = None
-            checkpoint(epoch + 1, None)
-            if is_best and dist.is_main():
-                ckpt_io.link_or_copy(out_dir / "last.pt", out_dir / "best.pt")
+            checkpoint(epoch + 1, None, best=is_best)
             if dist.is_main():
                 ckpt_io.write_logs(out_dir, state["history"])
             log(epoch_line(record, cfg, state["best_acc"]))

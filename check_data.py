@@ -1,0 +1,64 @@
+"""List every problem of a dataset folder in one pass, before a long run meets them.
+
+    python check_data.py DATA_PATH [--num_classes=N] [--workers=4]
+
+Checks the train/test class-folder layout, then decodes every image as training would. Prints
+each problem with the file at fault, and a summary. Exit status 1 when training would stop
+(layout problems or unreadable images), 0 otherwise.
+"""
+import argparse
+import sys
+from multiprocessing import Pool
+
+from PIL import Image
+
+from data import BadImageError, Layout, load_rgb
+
+
+def _inspect(args):
+    path, max_pixels = args
+    try:
+        img = load_rgb(path, max_pixels)
+    except BadImageError as exc:
+        return path, str(exc), None
+    return path, None, min(img.size)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("data_path")
+    p.add_argument("--num_classes", type=int, default=None)
+    p.add_argument("--workers", type=int, default=4, help="decoding processes")
+    p.add_argument("--image_size", type=int, default=368, help="report images smaller than this")
+    p.add_argument("--max_image_pixels", type=int, default=Image.MAX_IMAGE_PIXELS)
+    args = p.parse_args(argv)
+
+    layout = Layout(args.data_path, args.num_classes)
+    for problem in layout.problems:
+        print(f"LAYOUT  {problem}")
+    for path in layout.ignored:
+        print(f"IGNORED {path}: not an image file (by extension); training skips it")
+    jobs = [(path, args.max_image_pixels) for split in layout.samples
+            for path, _ in layout.samples[split]]
+    bad, small = 0, 0
+    with Pool(max(args.workers, 1)) as pool:
+        for path, error, side in pool.imap(_inspect, jobs, chunksize=16):
+            if error:
+                bad += 1
+                print(f"BAD     {error}")
+            elif side < args.image_size:
+                small += 1
+    print(f"{args.data_path}: {len(layout.classes)} classes, "
+          + ", ".join(f"{len(v)} {k} images" for k, v in layout.samples.items())
+          + f"; {len(layout.problems)} layout problems, {bad} unreadable images, "
+          f"{len(layout.ignored)} ignored files, {small} images smaller than {args.image_size} px "
+          "(upsampled by the resize, which is fine)")
+    if layout.problems or bad:
+        print("Fix the lines above (or train with --skip_bad_images to skip unreadable images).")
+        return 1
+    print("OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
