@@ -6,6 +6,7 @@ is thus the same whatever the number of workers or processes, and an interrupted
 resumed at any batch.
 """
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -281,6 +282,12 @@ def collate_skipping(batch):
     return inputs, targets, len(batch) - len(kept)
 
 
+def _ignore_interrupts(worker_id):
+    # Ctrl-C reaches the whole process group; the workers must keep serving batches while the
+    # main process finishes its iteration and saves (train.StopRequest).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
     """Train and test loaders of cfg.data_path, checked first; also returns the class names."""
     classes, samples = check_layout(cfg.data_path, cfg.num_classes)
@@ -292,7 +299,7 @@ def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
     # seed from the global generator, which also picks the crops (train_step), and a resumed
     # epoch would see another stream than an uninterrupted one.
     common = dict(num_workers=cfg.workers, collate_fn=collate_skipping, pin_memory=pin_memory,
-                  persistent_workers=cfg.workers > 0)
+                  persistent_workers=cfg.workers > 0, worker_init_fn=_ignore_interrupts)
     train_set = ImageDataset(samples["train"], classes, train_tf, cfg.skip_bad_images,
                              cfg.max_image_pixels)
     test_set = ImageDataset(samples["test"], classes, test_tf, cfg.skip_bad_images,
