@@ -279,6 +279,11 @@ def run(cfg):
     def checkpoint(epoch, stats, best=False):
         """Write last.pt; a new best is written to best.pt first and last.pt made a link to it,
         so that a crash in between leaves last.pt behind best.pt, never ahead of it."""
+        if not all(torch.isfinite(t).all() for t in model.state_dict().values()
+                   if t.is_floating_point()):
+            raise NonFiniteLossError(f"the weights hold NaN or infinite values at epoch "
+                                     f"{epoch + 1}; the run is stopped and no checkpoint was "
+                                     "written from this state. Lower --lr or prefer --amp=bf16.")
         if dist.is_main():
             ckpt_io.save({"format": ckpt_io.FORMAT, "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(),

@@ -8,7 +8,7 @@ import torch
 
 import checkpoint as ckpt_io
 import train
-from tests.conftest import TINY_ARGS
+from tests.conftest import TINY_ARGS, make_image_folder
 
 TRAIN_LINE = re.compile(r"^Iteration \d+ \| train_acc = \d+\.\d{5} \| train_loss = \d+\.\d{5} \| "
                         r"Loss1: \d+\.\d{3} \| Loss2: \d+\.\d{5} \| Loss3: \d+\.\d{5} \| "
@@ -119,15 +119,60 @@ def test_test_only_scores_a_checkpoint(image_folder, tmp_path, capsys):
     assert run(image_folder, out, "--test_only", f"--resume={out / 'last.pt'}") == 0
 
 
-def test_resume_errors_change_nothing(image_folder, tmp_path, capsys):
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_checkpoints_give_clear_errors_and_change_nothing(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(image_folder, out, "--epochs=1") == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert run(image_folder, out, "--epochs=2", f"--resume={tmp_path / 'missing.pt'}") == 2
-    assert "no such file" in capsys.readouterr().err
+    good = (out / "last.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 3])
     torch.save({"model": {}}, tmp_path / "foreign.pt")
-    assert run(image_folder, out, "--epochs=2", f"--resume={tmp_path / 'foreign.pt'}") == 2
-    assert "not a CMAL-Net training checkpoint" in capsys.readouterr().err
+    ck = torch.load(out / "last.pt", weights_only=True)
+    torch.save({**ck, "payload": _Evil(tmp_path / "pwned")}, tmp_path / "evil.pt")
+    four = make_image_folder(tmp_path / "four", classes=4)
+    assert train.main({"data_path": str(four), "num_classes": 4, "output_dir": str(tmp_path / "o4")},
+                      TINY_ARGS + ["--epochs=1"]) == 0
+    cases = [
+        (f"--resume={tmp_path / 'missing.pt'}", "no such file"),
+        (f"--resume={tmp_path / 'truncated.pt'}", "truncated or corrupt"),
+        (f"--resume={tmp_path / 'foreign.pt'}", "not a CMAL-Net training checkpoint"),
+        (f"--resume={tmp_path / 'evil.pt'}", "could run arbitrary code"),
+        (f"--resume={tmp_path / 'o4' / 'last.pt'}",
+         r"shape mismatches: classifier1\.4\.weight \(file \(4, 16\), model \(3, 16\)\)"),
+    ]
+    for arg, message in cases:
+        assert run(image_folder, out, "--epochs=2", arg) == 2, arg
+        assert re.search(message, capsys.readouterr().err), arg
     assert run(image_folder, out, "--epochs=2", "--resume", "--width_factor=0.25") == 2
     assert "shape mismatches" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_bad_backbone_weights_create_nothing(image_folder, tmp_path, capsys):
+    (tmp_path / "w.pth").write_bytes(b"PK\x03\x04 broken")
+    out = tmp_path / "fresh"
+    assert run(image_folder, out, f"--weights={tmp_path / 'w.pth'}") == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    assert run(image_folder, out, f"--weights={tmp_path / 'nope.pth'}") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_non_finite_loss_stops_without_touching_checkpoints(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(image_folder, out, "--epochs=1", "--eval_every=1") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run(image_folder, out, "--epochs=3", "--resume", "--lr=1e30", "--backbone_lr=1e30",
+               "--save_every=1") == 2
+    err = capsys.readouterr().err
+    assert "non-finite training loss at epoch 1" in err and "no checkpoint was written" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
