@@ -203,6 +203,17 @@ def build_model(cfg, weights=None):
                       pure_abn=True if cfg.pure_abn else None)
 
 
+def load_trained(path, device="cpu"):
+    """(model in eval mode, class names, settings) of a checkpoint written by a training run."""
+    ck = ckpt_io.load(path)
+    cfg = argparse.Namespace(**{k: v for k, (v, _) in SETTINGS.items()})
+    vars(cfg).update(ck["settings"])
+    cfg.layers = tuple(cfg.layers)
+    model = build_model(cfg)
+    ckpt_io.load_model_state(model, ck, path)
+    return model.to(device).eval(), ck["classes"], cfg
+
+
 def resume_path(cfg):
     """The checkpoint to continue from, or None for a fresh start."""
     if not cfg.resume:
