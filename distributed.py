@@ -13,6 +13,11 @@ def rank():
     return tdist.get_rank() if is_distributed() else 0
 
 
+def rank_from_env():
+    """This process's rank as torchrun announced it (also after the group is shut down)."""
+    return int(os.environ.get("RANK", 0))
+
+
 def world_size():
     return tdist.get_world_size() if is_distributed() else 1
 
@@ -64,3 +69,14 @@ def broadcast_object(obj):
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_buffers(module):
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank.
+
+    DDP broadcasts them before each forward, so the ranks' copies differ only by the last
+    forward's update; aligning them makes evaluation and checkpoints rank-independent, as with
+    the reference's DataParallel, whose replicas' statistics updates are dropped."""
+    if is_distributed():
+        for buffer in module.buffers():
+            tdist.broadcast(buffer, src=0)

@@ -171,17 +171,22 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
     return stats, True
 
 
+def reduce_stats(stats):
+    """The epoch's running sums added over processes (the position is the same on all)."""
+    keys = [k for k in stats if k != "position"]
+    return {"position": stats["position"], **dict(zip(keys, dist.all_reduce_sum(
+        [stats[k] for k in keys])))}
+
+
 def summarise_train(stats):
-    """Epoch averages, reduced over processes: accuracy in percent, losses per batch."""
-    keys = ["batches", "correct", "total", "skipped", *LOSS_NAMES]
-    totals = dict(zip(keys, dist.all_reduce_sum([stats[k] for k in keys])))
+    """Epoch averages over all processes: accuracy in percent, losses per batch."""
+    totals = reduce_stats(stats)
     n = max(totals["batches"], 1)
-    out = {"train_acc": 100.0 * totals["correct"] / max(totals["total"], 1),
-           "train_loss": (totals["loss1"] + totals["loss2"] + totals["loss3"]
-                          + totals["loss_concat"]) / n,
-           **{k: totals[k] / n for k in LOSS_NAMES},
-           "samples": int(totals["total"]), "skipped": int(totals["skipped"])}
-    return out
+    return {"train_acc": 100.0 * totals["correct"] / max(totals["total"], 1),
+            "train_loss": (totals["loss1"] + totals["loss2"] + totals["loss3"]
+                           + totals["loss_concat"]) / n,
+            **{k: totals[k] / n for k in LOSS_NAMES},
+            "samples": int(totals["total"]), "skipped": int(totals["skipped"])}
 
 
 @torch.no_grad()

@@ -20,8 +20,8 @@ import torch.nn as nn
 import checkpoint as ckpt_io
 import distributed as dist
 from data import BadImageError, DatasetError, build_loaders, mix_seed
-from engine import (NonFiniteLossError, evaluate, make_optimizer, new_epoch_stats, summarise_train,
-                    train_one_epoch, zero_fill_grads)
+from engine import (NonFiniteLossError, evaluate, make_optimizer, new_epoch_stats, reduce_stats,
+                    summarise_train, train_one_epoch, zero_fill_grads)
 from model import build_cmal
 from src.models import WeightsError
 
@@ -270,6 +270,8 @@ def run(cfg):
         zero_fill_grads(model)
         if state["stats"]:
             ckpt_io.restore_rng(ck["rng"])
+            if not dist.is_main():  # the saved sums cover all processes: count them once
+                state["stats"] = {**new_epoch_stats(), "position": state["stats"]["position"]}
         log(f"resumed from {path}: epoch {state['epoch'] + 1}"
             + (f", batch {state['stats']['position']}" if state["stats"] else "")
             + f", best combined accuracy {state['best_acc']:.2f}%")
@@ -289,7 +291,12 @@ def run(cfg):
 
     def checkpoint(epoch, stats, best=False):
         """Write last.pt; a new best is written to best.pt first and last.pt made a link to it,
-        so that a crash in between leaves last.pt behind best.pt, never ahead of it."""
+        so that a crash in between leaves last.pt behind best.pt, never ahead of it.
+
+        Every process calls it: a mid-epoch checkpoint holds the epoch's sums over all of them.
+        """
+        if stats is not None:
+            stats = reduce_stats(stats)
         if not all(torch.isfinite(t).all() for t in model.state_dict().values()
                    if t.is_floating_point()):
             raise NonFiniteLossError(f"the weights hold NaN or infinite values at epoch "
@@ -332,10 +339,12 @@ def run(cfg):
                 amp_dtype=amp_dtype, scaler=scaler, channels_last=cfg.channels_last,
                 after_batch=after_batch, progress=cfg.progress and dist.is_main())
             if not finished:
+                dist.broadcast_buffers(model)
                 checkpoint(epoch, stats)
                 log(f"stopped by {stop.signal} at epoch {epoch + 1}, batch {stats['position']}; "
                     f"{out_dir / 'last.pt'} is saved: continue with --resume")
                 return 128 + signal.Signals[stop.signal].value
+            dist.broadcast_buffers(model)
             record = {"epoch": epoch, **summarise_train(stats),
                       "lr": optimizer.param_groups[0]["lr"],
                       "backbone_lr": optimizer.param_groups[-1]["lr"]}

@@ -20,6 +20,15 @@ except ImportError as exc:  # the extension is missing or was built against anot
 else:
     _IMPORT_ERROR = None
 
+    class _InPlaceABN(InPlaceABN):
+        """InPlaceABN fed what the extension accepts: contiguous tensors, and under autocast
+        float16 on CUDA (its kernels take it with float32 weights) or float32 otherwise."""
+
+        def forward(self, x):
+            if x.dtype != self.weight.dtype and not (x.is_cuda and x.dtype == torch.float16):
+                x = x.float()
+            return super().forward(x.contiguous())
+
 PURE_ABN_ENV = "CMAL_PURE_ABN"
 _ACTIVATIONS = ("leaky_relu", "identity")
 _warned = False
@@ -52,6 +61,8 @@ class PureABN(nn.Module):
         # The arithmetic follows inplace_abn's CPU kernel step by step (two-pass statistics,
         # then x * scale + shift), so that both round alike: deep networks amplify rounding
         # differences, and the reference outputs were computed with that kernel.
+        if x.dtype != self.weight.dtype:  # autocast: normalise in float32
+            x = x.float()
         flat = x.reshape(x.shape[0], x.shape[1], -1)
         if self.training:
             self.num_batches_tracked.add_(1)
@@ -108,7 +119,7 @@ def ABN(num_features, activation="leaky_relu", activation_param=1e-6, pure=None)
     """An ABN layer: InPlaceABN when available, PureABN otherwise or when `pure` asks for it."""
     if use_pure_abn(pure):
         return PureABN(num_features, activation=activation, activation_param=activation_param)
-    return InPlaceABN(num_features, activation=activation, activation_param=activation_param)
+    return _InPlaceABN(num_features, activation=activation, activation_param=activation_param)
 
 
 def is_abn(module):

@@ -1,0 +1,26 @@
+"""train.main under torchrun, also saving each rank's final state dict as rank<N>.pt in the
+output folder (tests compare them)."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import distributed  # noqa: E402
+import train  # noqa: E402
+
+models = []
+original = train.build_model
+
+
+def build_model(*args, **kwargs):
+    models.append(original(*args, **kwargs))
+    return models[-1]
+
+
+train.build_model = build_model
+status = train.main(None, sys.argv[1:])
+cfg = train.parse_settings(None, sys.argv[1:])
+torch.save(models[-1].state_dict(), Path(cfg.output_dir) / f"rank{distributed.rank_from_env()}.pt")
+sys.exit(status)
