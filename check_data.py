@@ -42,7 +42,7 @@ def main(argv=None):
             for path, _ in layout.samples[split]]
     bad, small = 0, 0
     with Pool(max(args.workers, 1)) as pool:
-        for path, error, side in pool.imap(_inspect, jobs, chunksize=16):
+        for _, error, side in pool.imap(_inspect, jobs, chunksize=16):
             if error:
                 bad += 1
                 print(f"BAD     {error}")

@@ -100,6 +100,9 @@ def _to_tuple(x):
 
 def load(path):
     """A training checkpoint written by this project, read without running any code."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file; pass the "
+                              "last.pt or best.pt that a training run wrote into its output_dir")
     try:
         ckpt = read_checkpoint(path)
     except WeightsError as exc:

@@ -55,16 +55,21 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS):
+def load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS, draft_size=None):
     """Decode an image file fully into RGB, or raise BadImageError saying why not.
 
-    Images above `max_pixels` are refused from their header, before any decoding.
+    Images above `max_pixels` are refused from their header, before any decoding. With
+    `draft_size`, a JPEG is decoded directly at the smallest 1/2, 1/4 or 1/8 scale that keeps
+    both sides at least `draft_size` (libjpeg's DCT scaling): several times faster for large
+    photos, and close to, not equal to, resizing the full decode (bench.py --loader measures).
     """
     Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own check, which runs at open()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if draft_size and img.format == "JPEG":
+                    img.draft("RGB", (draft_size, draft_size))
                 img.load()  # decode now, so that a truncated file fails here and not later
                 return _to_rgb(img)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -191,12 +196,13 @@ class ImageDataset(Dataset):
     """(path, target) samples with a transform; a key is an index or an (index, seed) pair."""
 
     def __init__(self, samples, classes, transform, skip_bad=False,
-                 max_pixels=Image.MAX_IMAGE_PIXELS):
+                 max_pixels=Image.MAX_IMAGE_PIXELS, draft_size=None):
         self.samples = samples
         self.classes = classes
         self.transform = transform
         self.skip_bad = skip_bad
         self.max_pixels = max_pixels
+        self.draft_size = draft_size
 
     def __len__(self):
         return len(self.samples)
@@ -205,7 +211,7 @@ class ImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, target = self.samples[index]
         try:
-            img = load_rgb(path, self.max_pixels)
+            img = load_rgb(path, self.max_pixels, self.draft_size)
         except BadImageError as exc:
             if not self.skip_bad:
                 raise BadImageError(f"{exc}. Remove or replace the file (python check_data.py "
@@ -300,10 +306,11 @@ def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
     # epoch would see another stream than an uninterrupted one.
     common = dict(num_workers=cfg.workers, collate_fn=collate_skipping, pin_memory=pin_memory,
                   persistent_workers=cfg.workers > 0, worker_init_fn=_ignore_interrupts)
+    draft = cfg.resize if cfg.fast_decode else None
     train_set = ImageDataset(samples["train"], classes, train_tf, cfg.skip_bad_images,
-                             cfg.max_image_pixels)
+                             cfg.max_image_pixels, draft)
     test_set = ImageDataset(samples["test"], classes, test_tf, cfg.skip_bad_images,
-                            cfg.max_image_pixels)
+                            cfg.max_image_pixels, draft)
     train = DataLoader(train_set, batch_size=cfg.batch_size // world_size, drop_last=True,
                        sampler=EpochSampler(len(train_set), cfg.seed, True, rank, world_size),
                        generator=torch.Generator().manual_seed(cfg.seed), **common)

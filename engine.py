@@ -3,6 +3,7 @@
 Every entry point (the three dataset scripts, train.py, demo.py, bench.py) calls these.
 """
 import contextlib
+from collections import namedtuple
 
 import torch
 from tqdm import tqdm
@@ -17,10 +18,34 @@ class NonFiniteLossError(FloatingPointError):
     """A training loss became NaN or infinite; the model is no longer worth saving."""
 
 
+class DeviceError(ValueError):
+    """A --device that names no device, or a GPU that is not there."""
+
+
+def pick_device(name):
+    """torch.device for a --device setting; 'auto' is cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"--device={name} is not a device name ({exc}); use auto, cpu or "
+                          "cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device={name} but no CUDA GPU is visible; use --device=cpu")
+    return device
+
+
 def unwrap(net):
     """The CMAL module inside a DistributedDataParallel or torch.compile wrapper."""
     net = getattr(net, "module", net)
     return getattr(net, "_orig_mod", net)
+
+
+def compile_network(net):
+    """torch.compile for fixed input sizes: a new size recompiles instead of switching to
+    symbolic shapes (which this network's space-to-depth trips inductor with)."""
+    return torch.compile(net, dynamic=False)
 
 
 def make_optimizer(net, lr=0.002, backbone_lr=0.0002, momentum=0.9, weight_decay=5e-4):
@@ -189,6 +214,28 @@ def summarise_train(stats):
             "samples": int(totals["total"]), "skipped": int(totals["skipped"])}
 
 
+# heads: (logits_1, logits_2, logits_3, logits_concat) of the raw pass; maps: the experts'
+# class activation maps (a1, a2, a3); crop: the joint attention crop; heads_att: the four logits
+# of the pass on it; com2 = sum(heads); com = com2 + sum(heads_att), the "combined" score.
+Scores = namedtuple("Scores", "heads maps crop heads_att com2 com")
+
+
+@torch.no_grad()
+def combined_scores(model, inputs):
+    """Every score evaluation computes for a batch (spec section 5), in float32.
+
+    `model` is the plain module in eval mode; then every sample's scores are independent of
+    the rest of the batch."""
+    out = model(inputs)
+    maps = attention_maps(model, out)
+    crop = highlight_im(inputs, *maps)
+    out_att = model(crop)
+    heads = [o.float() for o in out[:4]]
+    heads_att = [o.float() for o in out_att[:4]]
+    com2 = sum(heads)
+    return Scores(heads, maps, crop, heads_att, com2, com2 + sum(heads_att))
+
+
 @torch.no_grad()
 def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=False,
              progress=False):
@@ -209,16 +256,12 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
-            out = model(inputs)
-            a1, a2, a3 = attention_maps(model, out)
-            out_att = model(highlight_im(inputs, a1, a2, a3))
-        logits = [o.float() for o in out[:4]]
-        com2 = sum(logits)
-        com = com2 + sum(o.float() for o in out_att[:4])
-        loss = criterion(logits[3], targets) * len(targets)
-        sums += torch.stack([(logits[3].argmax(1) == targets).sum().double(),
-                             (com2.argmax(1) == targets).sum().double(),
-                             (com.argmax(1) == targets).sum().double(),
+            s = combined_scores(model, inputs)
+        concat = s.heads[3]
+        loss = criterion(concat, targets) * len(targets)
+        sums += torch.stack([(concat.argmax(1) == targets).sum().double(),
+                             (s.com2.argmax(1) == targets).sum().double(),
+                             (s.com.argmax(1) == targets).sum().double(),
                              loss.double(), torch.tensor(len(targets), device=device).double()])
     correct_concat, correct_com2, correct_com, loss_sum, n = dist.all_reduce_sum(sums.tolist())
     n = max(n, 1)

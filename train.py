@@ -20,8 +20,9 @@ import torch.nn as nn
 import checkpoint as ckpt_io
 import distributed as dist
 from data import BadImageError, DatasetError, build_loaders, mix_seed
-from engine import (NonFiniteLossError, evaluate, make_optimizer, new_epoch_stats, reduce_stats,
-                    summarise_train, train_one_epoch, zero_fill_grads)
+from engine import (DeviceError, NonFiniteLossError, compile_network, evaluate, make_optimizer,
+                    new_epoch_stats, pick_device, reduce_stats, summarise_train, train_one_epoch,
+                    zero_fill_grads)
 from model import build_cmal
 from src.models import WeightsError
 
@@ -63,6 +64,8 @@ SETTINGS = {
     "pure_abn": (False, "use the pure-PyTorch ABN even when inplace_abn is installed"),
     "skip_bad_images": (False, "skip unreadable images with a warning instead of stopping"),
     "max_image_pixels": (89478485, "refuse images with more pixels (decompression bombs)"),
+    "fast_decode": (False, "decode large JPEGs at a reduced scale (faster loading; the images "
+                           "differ slightly from the reference transform's, see README)"),
     "progress": (True, "show progress bars"),
 }
 
@@ -129,15 +132,6 @@ def _validate(parser, cfg):
         parser.error(f"--num_classes must be at least 2, got {cfg.num_classes}")
     if cfg.workers < 0 or cfg.eval_every < 0 or cfg.save_every < 0:
         parser.error("--workers, --eval_every and --save_every cannot be negative")
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device={name} but no CUDA GPU is visible; use --device=cpu")
-    return device
 
 
 def should_evaluate(epoch, cfg):
@@ -287,7 +281,7 @@ def run(cfg):
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
     if cfg.compile:
-        net = torch.compile(net)
+        net = compile_network(net)
 
     def checkpoint(epoch, stats, best=False):
         """Write last.pt; a new best is written to best.pt first and last.pt made a link to it,
@@ -397,7 +391,7 @@ def main(defaults=None, argv=None, description=None):
     try:
         return run(cfg)
     except (DatasetError, WeightsError, ckpt_io.CheckpointError, NonFiniteLossError,
-            BadImageError) as exc:
+            BadImageError, DeviceError) as exc:
         print(f"error: {_last_line(exc)}", file=sys.stderr)
         return 2
     finally:

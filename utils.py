@@ -23,14 +23,16 @@ def map_generate(attention_map, pred, p1, p2):
     return torch.einsum("bc,bchw->bhw", w, attention_map.float())
 
 
-def _upsample_normalise(maps, size):
-    """Bilinear (align_corners=True) to `size`, then per-sample min-max to [0, 1)."""
+def normalised_map(maps, size):
+    """Attention maps (B, h, w) as the crops see them: bilinear (align_corners=True) to `size`,
+    then per-sample min-max to [0, 1)."""
     m = F.interpolate(maps.unsqueeze(1).float(), size=size, mode="bilinear",
                       align_corners=True).squeeze(1)
-    return _normalise(m)
+    return normalise(m)
 
 
-def _normalise(m):
+def normalise(m):
+    """Per-sample min-max of (B, H, W) maps."""
     lo = m.amin((1, 2), keepdim=True)
     hi = m.amax((1, 2), keepdim=True)
     return (m - lo) / (hi - lo + 1e-6)
@@ -103,14 +105,14 @@ def _finite(*maps):
 
 def attention_box(attention_map, size, theta=0.5, padding_ratio=0.1):
     """(top, bottom, left, right) of one expert's attention box on an image of `size` (H, W)."""
-    norm = _upsample_normalise(attention_map, size)
+    norm = normalised_map(attention_map, size)
     return _boxes(norm >= theta, _finite(attention_map), padding_ratio)
 
 
 def highlight_box(m1, m2, m3, size, theta=0.5, padding_ratio=0.1):
     """The box of the three experts' normalised maps, summed and normalised again."""
-    total = sum(_upsample_normalise(m, size) for m in (m1, m2, m3))
-    return _boxes(_normalise(total) >= theta, _finite(m1, m2, m3), padding_ratio)
+    total = sum(normalised_map(m, size) for m in (m1, m2, m3))
+    return _boxes(normalise(total) >= theta, _finite(m1, m2, m3), padding_ratio)
 
 
 def attention_im(images, attention_map, theta=0.5, padding_ratio=0.1):

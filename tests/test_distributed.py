@@ -2,7 +2,6 @@
 evaluation as a single process, and resume."""
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path

@@ -1,0 +1,97 @@
+"""What the command-line tools on a trained model share (predict.py, attention.py).
+
+Loading a checkpoint and images for inference, and the "combined" scoring of a batch exactly as
+evaluation computes it (engine.evaluate, spec section 5): the raw pass, the three experts'
+attention maps, a second pass on the joint attention crop, and the eight logits summed.
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import checkpoint as ckpt_io
+from data import BadImageError, build_transforms, is_image_file, load_rgb
+from engine import DeviceError
+
+# Exit status of a tool that stops on a known failure (the same as train.py's).
+ERROR_STATUS = 2
+
+
+class ToolError(Exception):
+    """A failure the user can fix; the message is one line naming the file and what to do."""
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    return ERROR_STATUS
+
+
+def run_tool(body, args):
+    """Run `body(args)`, turning known failures into one line on stderr and ERROR_STATUS."""
+    try:
+        return body(args)
+    except BrokenPipeError:
+        # Output piped into a program that stopped reading (`| head`): stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ToolError, ckpt_io.CheckpointError, BadImageError, DeviceError) as exc:
+        return fail(" ".join(str(exc).split()) or type(exc).__name__)
+
+
+def load_model(path, device):
+    """(model in eval mode, class names, settings) of a training checkpoint."""
+    import train  # late: train imports the whole training stack
+    try:
+        return train.load_trained(path, device)
+    except ckpt_io.CheckpointError as exc:
+        raise ckpt_io.CheckpointError(f"cannot use checkpoint {path}: {exc}") from None
+
+
+def find_images(target):
+    """The image files to process: `target` itself, or the image files below a folder (searched
+    recursively, hidden entries skipped, sorted)."""
+    target = Path(target)
+    if not target.exists():
+        raise ToolError(f"{target} does not exist; pass an image file or a folder of images")
+    if target.is_file():
+        return [target]
+    found = sorted(p for p in target.rglob("*")
+                   if p.is_file() and is_image_file(p.name)
+                   and not any(part.startswith(".") for part in p.relative_to(target).parts))
+    if not found:
+        raise ToolError(f"no image files under {target} (searched recursively for "
+                        "extensions like .jpg, .png); pass an image file or another folder")
+    return found
+
+
+def test_transform(cfg):
+    """The evaluation preprocessing of a run's settings: resize, centre crop, normalise."""
+    return build_transforms(cfg.image_size, cfg.resize, cfg.crop_padding)[1]
+
+
+def load_images(paths, cfg, skip_bad=False):
+    """(batch tensor, the paths it holds): each image decoded and preprocessed as at test time.
+
+    An unreadable file raises BadImageError naming it, or with `skip_bad` is reported on stderr
+    and left out (the batch may then be empty: None).
+    """
+    transform = test_transform(cfg)
+    tensors, kept = [], []
+    for path in paths:
+        try:
+            img = load_rgb(path, cfg.max_image_pixels)
+        except BadImageError as exc:
+            if not skip_bad:
+                raise BadImageError(f"{exc}; remove or replace the file, or pass "
+                                    "--skip_bad_images") from None
+            print(f"warning: skipping {exc}", file=sys.stderr)
+            continue
+        tensors.append(transform(img))
+        kept.append(path)
+    return (torch.stack(tensors) if tensors else None), kept
+
+
+def batches(items, size):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

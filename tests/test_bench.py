@@ -1,0 +1,31 @@
+"""The benchmark command runs and reports what it promises (figures are not checked here:
+they come from running it, see README)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_step_benchmark_reports():
+    out = _run("--layers=1,1,1,1", "--width_factor=0.125", "--head_mid=16", "--head_features=32",
+               "--head_hidden=16", "--image_size=64", "--batch=2", "--iters=1", "--warmup=0",
+               "--device=cpu", "--threads=1")
+    assert re.search(r"matmul \(float32, 4096\^2\): [\d.]+ GFLOP/s", out)
+    for label in ("train_step", "evaluate"):
+        assert re.search(label + r" *: +[\d.]+ img/s +peak memory +\d+ MB +[\d.]+ GFLOP/img +"
+                         r"[\d.]+ GFLOP/s \(\d+% of matmul\)", out), out
+
+
+def test_loader_benchmark_reports():
+    out = _run("--loader", "--images=4", "--jpeg_size=600x400", "--workers=0", "--batch=2")
+    assert re.search(r"plain +: +[\d.]+ img/s", out) and re.search(r"fast_decode +: +[\d.]+ img/s", out)
+    assert "differs from the reference transform's by" in out

@@ -1,0 +1,94 @@
+"""Mixed precision, channels-last and torch.compile on the CPU; off, they change nothing."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import checkpoint as ckpt_io
+import train
+from engine import compile_network, evaluate, make_optimizer, train_step
+from model import build_cmal
+from tests.conftest import TINY_ARGS, TINY_NET
+
+LOSSES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
+
+
+def _pair(pure_abn):
+    torch.manual_seed(0)
+    net = build_cmal(4, pure_abn=pure_abn, **TINY_NET)
+    return net, copy.deepcopy(net)
+
+
+def _step(net, x, y, seed=1, **kwargs):
+    opt = make_optimizer(net)
+    torch.manual_seed(seed)
+    return train_step(net, opt, x, y, nn.CrossEntropyLoss(), **kwargs)
+
+
+def _batch(channels_last=False):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 64, 64, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.arange(4)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_step_close_to_float32(abn_impl, amp):
+    ref, net = _pair(abn_impl)
+    x, y = _batch()
+    expected = _step(ref, x, y)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if amp == "fp16" else None
+    got = _step(net, x, y, amp_dtype=dtype, scaler=scaler)
+    # The first pass sees the same input; later ones see crops whose boxes may move by a pixel.
+    assert got["loss3"] == pytest.approx(expected["loss3"], rel=0.02)
+    for k in LOSSES:
+        assert got[k] == pytest.approx(expected[k], rel=0.3), k
+    result = evaluate(net, [(x, y, 0)], nn.CrossEntropyLoss(), amp_dtype=dtype)
+    assert 0 <= result["acc_combined"] <= 100 and result["loss"] == result["loss"]
+
+
+def test_channels_last_equals_float32(abn_impl):
+    ref, net = _pair(abn_impl)
+    x, y = _batch()
+    expected = _step(ref, x, y)
+    got = _step(net.to(memory_format=torch.channels_last), *_batch(channels_last=True))
+    for k in LOSSES:
+        assert got[k] == pytest.approx(expected[k], rel=1e-4), k
+    for (name, a), b in zip(ref.state_dict().items(), net.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compiled_step_equals_eager():
+    ref, net = _pair(True)
+    x, y = _batch()
+    expected = [_step(ref, x, y, seed=s) for s in (1, 2)]
+    compiled = compile_network(net)
+    got = [_step(compiled, x, y, seed=s) for s in (1, 2)]
+    for e, g in zip(expected, got):
+        for k in LOSSES:
+            assert g[k] == pytest.approx(e[k], rel=1e-3), k
+
+
+def test_cli_options_train_and_resume(image_folder, tmp_path):
+    out = tmp_path / "amp"
+    base = {"data_path": str(image_folder), "num_classes": 3, "output_dir": str(out)}
+    args = TINY_ARGS + ["--amp=fp16", "--channels_last", "--eval_every=1"]
+    assert train.main(base, args + ["--epochs=1"]) == 0
+    ck = ckpt_io.load(out / "last.pt")
+    assert ck["scaler"] and ck["scaler"]["scale"] > 0 and ck["settings"]["amp"] == "fp16"
+    assert train.main(base, args + ["--epochs=2", "--resume"]) == 0
+    assert ckpt_io.load(out / "last.pt")["epoch"] == 2
+    out2 = tmp_path / "bf16"
+    assert train.main({**base, "output_dir": str(out2)},
+                      TINY_ARGS + ["--amp=bf16", "--epochs=1", "--pure_abn"]) == 0
+
+
+def test_cli_compile(image_folder, tmp_path):
+    assert train.main({"data_path": str(image_folder), "num_classes": 3,
+                       "output_dir": str(tmp_path / "c")},
+                      TINY_ARGS + ["--compile", "--pure_abn", "--epochs=1"]) == 0
+    ck = ckpt_io.load(tmp_path / "c" / "last.pt")
+    assert not any(k.startswith("_orig_mod") for k in ck["model"])
