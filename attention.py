@@ -9,7 +9,6 @@ second evaluation pass classifies, and the prediction of every head: expert 1, 2
 the combined score that evaluation ranks by. Heat maps are upsampled bilinearly and min-max
 normalised, as the attention crops compute them; boxes use theta 0.5 and padding 0.1.
 """
-import argparse
 import sys
 import textwrap
 from pathlib import Path
@@ -21,7 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from engine import combined_scores, pick_device
-from inference import ToolError, batches, find_images, load_images, load_model, run_tool
+from inference import (ToolError, batches, find_images, load_images, load_model, run_tool,
+                       tool_parser)
 from utils import attention_box, highlight_box, normalise, normalised_map
 
 EXPERT_LAYERS = ("layer2", "layer3", "layer4")
@@ -29,21 +29,14 @@ BOX_COLOR = "#00ff66"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        description="Write one PNG per image showing the input as the network sees it, each "
-                    "expert's attention heat map and crop box, the joint box and joint crop, "
-                    "and each head's predicted class (expert 1, 2, 3, concat, combined).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="last.pt or best.pt of a training run")
-    p.add_argument("images", help="an image file, or a folder searched recursively for images")
+    p = tool_parser(
+        "Write one PNG per image showing the input as the network sees it, each expert's "
+        "attention heat map and crop box, the joint box and joint crop, and each head's "
+        "predicted class (expert 1, 2, 3, concat, combined).")
     p.add_argument("--out", default="attention_maps", help="folder for the PNG files")
     p.add_argument("--max_images", type=int, default=20,
                    help="draw at most N images of a folder, spread evenly over its sorted list "
                         "(so every class folder tends to appear); 0: all")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when "
-                                                    "available)")
-    p.add_argument("--skip_bad_images", action="store_true",
-                   help="skip unreadable images with a warning instead of stopping")
     args = p.parse_args(argv)
     if args.max_images < 0:
         p.error(f"--max_images cannot be negative, got {args.max_images}")

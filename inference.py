@@ -4,6 +4,7 @@ Loading a checkpoint and images for inference, and the "combined" scoring of a b
 evaluation computes it (engine.evaluate, spec section 5): the raw pass, the three experts'
 attention maps, a second pass on the joint attention crop, and the eight logits summed.
 """
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -37,6 +38,19 @@ def run_tool(body, args):
         return 1
     except (ToolError, ckpt_io.CheckpointError, BadImageError, DeviceError) as exc:
         return fail(" ".join(str(exc).split()) or type(exc).__name__)
+
+
+def tool_parser(description):
+    """The arguments every tool on a trained model takes: checkpoint, images, device, skipping."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="last.pt or best.pt of a training run")
+    p.add_argument("images", help="an image file, or a folder searched recursively for images")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when "
+                                                    "available)")
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="skip unreadable images with a warning instead of stopping")
+    return p
 
 
 def load_model(path, device):

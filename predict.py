@@ -8,34 +8,27 @@ accuracy, the headline number). Folders are searched recursively for image files
 run's test-time preprocessing (resize, centre crop, normalise). Exit status 0 on success, 2 when
 the checkpoint or an image cannot be used (one line on stderr says which file and what to do).
 """
-import argparse
 import csv
 import sys
 
 import torch
 
 from engine import combined_scores, pick_device
-from inference import ToolError, batches, find_images, load_images, load_model, run_tool
+from inference import (ToolError, batches, find_images, load_images, load_model, run_tool,
+                       tool_parser)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        description="Print the top-k classes of each image by the combined score: the softmax of "
-                    "the summed logits of the raw pass and of the joint attention crop pass "
-                    "(expert 1, 2, 3 and concat each), which is what evaluation ranks by.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="last.pt or best.pt of a training run")
-    p.add_argument("images", help="an image file, or a folder searched recursively for images")
+    p = tool_parser(
+        "Print the top-k classes of each image by the combined score: the softmax of the summed "
+        "logits of the raw pass and of the joint attention crop pass (expert 1, 2, 3 and concat "
+        "each), which is what evaluation ranks by.")
     p.add_argument("--topk", type=int, default=5,
                    help="classes shown per image (at most the number of classes)")
     p.add_argument("--csv", default=None,
                    help="also write the results to this CSV file (columns path, rank, class, "
                         "score; k rows per image)")
     p.add_argument("--batch", type=int, default=8, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when "
-                                                    "available)")
-    p.add_argument("--skip_bad_images", action="store_true",
-                   help="skip unreadable images with a warning instead of stopping")
     args = p.parse_args(argv)
     if args.topk < 1:
         p.error(f"--topk must be at least 1, got {args.topk}")
