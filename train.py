@@ -224,7 +224,8 @@ def resume_path(cfg):
     return path
 
 
-def run(cfg):
+def setup_device(cfg):
+    """The device of this process, joining torchrun's process group when launched by it."""
     device = pick_device(cfg.device)
     if dist.launched_by_torchrun():
         local_rank = dist.init(device.type)
@@ -232,13 +233,45 @@ def run(cfg):
             device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    return device
+
+
+def restore(path, cfg, model, optimizer, scaler):
+    """Load a checkpoint into the run's objects; return the run state it holds."""
+    ck = ckpt_io.load(path)
+    ckpt_io.load_model_state(model, ck, path)
+    optimizer.load_state_dict(ck["optimizer"])
+    for group, fresh in zip(optimizer.param_groups, make_optimizer(
+            model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay).param_groups):
+        # Settings given now win over the saved ones (the same, for a plain resume).
+        group.update({k: fresh[k] for k in ("base_lr", "momentum", "weight_decay")})
+    if scaler is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    state = {k: ck[k] for k in RUN_STATE}
+    zero_fill_grads(model)
+    if state["stats"]:
+        ckpt_io.restore_rng(ck["rng"])
+        if not dist.is_main():  # the saved sums cover all processes: count them once
+            state["stats"] = {**new_epoch_stats(), "position": state["stats"]["position"]}
+    log(f"resumed from {path}: epoch {state['epoch'] + 1}"
+        + (f", batch {state['stats']['position']}" if state["stats"] else "")
+        + f", best combined accuracy {state['best_acc']:.2f}%")
+    return state
+
+
+# What a run carries from epoch to epoch; stats: the running sums of an epoch interrupted
+# midway (None at an epoch boundary).
+RUN_STATE = {"epoch": 0, "stats": None, "best_acc": 0.0, "best_epoch": None, "history": []}
+
+
+def run(cfg):
+    device = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     train_loader, test_loader, classes = build_loaders(cfg, dist.rank(), dist.world_size(),
                                                        pin_memory=device.type == "cuda")
     out_dir = Path(cfg.output_dir)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     criterion = nn.CrossEntropyLoss()
-
     if cfg.test_only:
         return test_only(cfg, device, test_loader, criterion, amp_dtype)
 
@@ -248,27 +281,8 @@ def run(cfg):
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    # stats: the running sums of an epoch interrupted midway (None at an epoch boundary).
-    state = {"epoch": 0, "stats": None, "best_acc": 0.0, "best_epoch": None, "history": []}
-    if path:
-        ck = ckpt_io.load(path)
-        ckpt_io.load_model_state(model, ck, path)
-        optimizer.load_state_dict(ck["optimizer"])
-        for group, fresh in zip(optimizer.param_groups, make_optimizer(
-                model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay).param_groups):
-            # Settings given now win over the saved ones (the same, for a plain resume).
-            group.update({k: fresh[k] for k in ("base_lr", "momentum", "weight_decay")})
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        state = {k: ck[k] for k in state}
-        zero_fill_grads(model)
-        if state["stats"]:
-            ckpt_io.restore_rng(ck["rng"])
-            if not dist.is_main():  # the saved sums cover all processes: count them once
-                state["stats"] = {**new_epoch_stats(), "position": state["stats"]["position"]}
-        log(f"resumed from {path}: epoch {state['epoch'] + 1}"
-            + (f", batch {state['stats']['position']}" if state["stats"] else "")
-            + f", best combined accuracy {state['best_acc']:.2f}%")
+    state = restore(path, cfg, model, optimizer, scaler) if path else \
+        {k: (list(v) if isinstance(v, list) else v) for k, v in RUN_STATE.items()}
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_io.remove_partial_files(out_dir)
@@ -311,6 +325,7 @@ def run(cfg):
         f"{len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}, device {device}"
         + (f" x {dist.world_size()} processes" if dist.is_distributed() else ""))
     per_rank_batch = cfg.batch_size // dist.world_size()
+    progress = cfg.progress and dist.is_main()
     with StopRequest() as stop:
         for epoch in range(state["epoch"], cfg.epochs):
             stats = state["stats"] or new_epoch_stats()
@@ -331,20 +346,19 @@ def run(cfg):
             stats, finished = train_one_epoch(
                 net, optimizer, train_loader, criterion, device, epoch, cfg.epochs, stats=stats,
                 amp_dtype=amp_dtype, scaler=scaler, channels_last=cfg.channels_last,
-                after_batch=after_batch, progress=cfg.progress and dist.is_main())
+                after_batch=after_batch, progress=progress)
+            dist.broadcast_buffers(model)
             if not finished:
-                dist.broadcast_buffers(model)
                 checkpoint(epoch, stats)
                 log(f"stopped by {stop.signal} at epoch {epoch + 1}, batch {stats['position']}; "
                     f"{out_dir / 'last.pt'} is saved: continue with --resume")
                 return 128 + signal.Signals[stop.signal].value
-            dist.broadcast_buffers(model)
             record = {"epoch": epoch, **summarise_train(stats),
                       "lr": optimizer.param_groups[0]["lr"],
                       "backbone_lr": optimizer.param_groups[-1]["lr"]}
             if should_evaluate(epoch, cfg):
                 record["test"] = evaluate(net, test_loader, criterion, device, amp_dtype,
-                                          cfg.channels_last, progress=cfg.progress and dist.is_main())
+                                          cfg.channels_last, progress=progress)
             record["time"] = time.time() - t0
             state["history"].append(record)
             is_best = bool(record.get("test")) and record["test"]["acc_combined"] > state["best_acc"]
@@ -369,18 +383,14 @@ def _plain(d):
 
 
 def test_only(cfg, device, test_loader, criterion, amp_dtype):
+    """Score a checkpoint (its own architecture settings) on cfg.data_path's test split."""
     path = Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else Path(cfg.output_dir) / "best.pt"
-    if not path.is_file():
-        raise ckpt_io.CheckpointError(f"--test_only needs a checkpoint: {path} does not exist "
-                                      "(pass --resume=PATH)")
-    ck = ckpt_io.load(path)
-    model = build_model(cfg).to(device)
-    ckpt_io.load_model_state(model, ck, path)
+    model, _, _ = load_trained(path, device)
     result = evaluate(model, test_loader, criterion, device, amp_dtype, cfg.channels_last,
                       progress=cfg.progress and dist.is_main())
-    log(f"{path} (epoch {ck['epoch']}): test concat {result['acc_concat']:.2f}% com2 "
-        f"{result['acc_com2']:.2f}% combined {result['acc_combined']:.2f}% loss "
-        f"{result['loss']:.4f} on {result['samples']} images")
+    log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
+        f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
+        f"{result['samples']} images")
     return 0
 
 
