@@ -221,9 +221,9 @@ class ImageDataset(Dataset):
             return None
         if seed is None:
             return self.transform(img), target
-        # Seed a private copy of the global generator that torchvision's random transforms use.
+        # Seed a private copy of the CPU generator that torchvision's random transforms use.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.transform(img), target
 
 
@@ -289,9 +289,11 @@ def collate_skipping(batch):
 
 
 def _ignore_interrupts(worker_id):
-    # Ctrl-C reaches the whole process group; the workers must keep serving batches while the
-    # main process finishes its iteration and saves (train.StopRequest).
+    # Ctrl-C (or a SIGTERM to the process group) reaches the workers too; they must keep
+    # serving batches while the main process finishes its iteration and saves
+    # (train.StopRequest), which then shuts them down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):

@@ -31,8 +31,15 @@ def pick_device(name):
     except RuntimeError as exc:
         raise DeviceError(f"--device={name} is not a device name ({exc}); use auto, cpu or "
                           "cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device={name} but no CUDA GPU is visible; use --device=cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device={name}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"--device={name} but no CUDA GPU is visible; use --device=cpu")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"--device={name} but only {count} GPU(s) are visible "
+                              f"(cuda:0 to cuda:{count - 1})")
     return device
 
 
@@ -51,11 +58,18 @@ def compile_network(net):
 def make_optimizer(net, lr=0.002, backbone_lr=0.0002, momentum=0.9, weight_decay=5e-4):
     """The reference SGD: eight groups, heads at `lr`, the backbone at `backbone_lr`."""
     net = unwrap(net)
-    heads = [net.classifier_concat, net.conv_block1, net.classifier1, net.conv_block2,
-             net.classifier2, net.conv_block3, net.classifier3]
-    groups = [{"params": m.parameters(), "lr": lr, "base_lr": lr} for m in heads]
-    groups.append({"params": net.Features.parameters(), "lr": backbone_lr, "base_lr": backbone_lr})
-    return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
+    modules = [net.classifier_concat, net.conv_block1, net.classifier1, net.conv_block2,
+               net.classifier2, net.conv_block3, net.classifier3, net.Features]
+    optimizer = torch.optim.SGD([{"params": m.parameters()} for m in modules], lr=lr)
+    set_hyperparameters(optimizer, lr, backbone_lr, momentum, weight_decay)
+    return optimizer
+
+
+def set_hyperparameters(optimizer, lr, backbone_lr, momentum, weight_decay):
+    """Base learning rates (heads, then the backbone group last), momentum and weight decay."""
+    for i, group in enumerate(optimizer.param_groups):
+        base = backbone_lr if i == len(optimizer.param_groups) - 1 else lr
+        group.update(lr=base, base_lr=base, momentum=momentum, weight_decay=weight_decay)
 
 
 def zero_fill_grads(net):
@@ -137,10 +151,14 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
     _, loss_att = optimise(lambda o: ce(o[0]) + ce(o[1]) + ce(o[2]) + ce(o[3]) * 2, inputs_att)
     out, loss_concat = optimise(lambda o: ce(o[3]) * 2, inputs)
 
-    values = torch.stack([loss1, loss2, loss3, loss_att, loss_concat]).float().tolist()
+    correct = (out[3].detach().argmax(1) == targets).sum()
+    # One host synchronisation per iteration, for every number the loop reports.
+    *values, correct = torch.stack([loss1, loss2, loss3, loss_att, loss_concat,
+                                    correct.float()]).float().tolist()
     result = dict(zip(LOSS_NAMES, values))
     if not all(map(_finite, values)):
         raise NonFiniteLossError(", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    result["correct"] = int(correct)
     result["logits_concat"] = out[3].detach()
     return result
 
@@ -170,7 +188,14 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
     for inputs, targets, skipped in bar:
         stats["position"] += 1
         stats["skipped"] += skipped
-        if inputs.shape[0] < 2:  # BatchNorm1d needs two samples (after skipping bad files)
+        # BatchNorm1d needs two samples (fewer remain when bad files were skipped); under DDP
+        # every process must skip the same iterations, or their collectives would mismatch.
+        too_small = inputs.shape[0] < 2
+        if dist.is_distributed():
+            too_small = dist.all_reduce_sum([float(too_small)])[0] > 0
+        if too_small:
+            if after_batch is not None and after_batch(stats):
+                return stats, False
             continue
         inputs = inputs.to(device, non_blocking=True)
         if channels_last:
@@ -186,7 +211,7 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
                 "the data (python check_data.py DATA_PATH), or prefer --amp=bf16 to fp16.") from None
         stats["batches"] += 1
         stats["total"] += targets.shape[0]
-        stats["correct"] += int((step["logits_concat"].argmax(1) == targets).sum())
+        stats["correct"] += step["correct"]
         for k in LOSS_NAMES:
             stats[k] += step[k]
         bar.set_postfix(acc=f"{100.0 * stats['correct'] / stats['total']:.1f}",
@@ -238,19 +263,26 @@ def combined_scores(model, inputs):
 
 @torch.no_grad()
 def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=False,
-             progress=False):
+             progress=False, should_stop=None):
     """Spec section 5: the raw pass, the joint attention crop pass, and three accuracies.
 
     Returns acc_concat (the concatenation head alone), acc_com2 (the four raw logits summed),
     acc_combined (those plus the four crop logits: the headline number), in percent, and loss
-    (cross entropy of the concatenation head, averaged over samples).
+    (cross entropy of the concatenation head, averaged over samples). Returns None when
+    `should_stop()` (checked per batch, in this process only) asked to stop on any process.
     """
     model = unwrap(net)  # no DDP wrapper: ranks may hold different numbers of test batches
     model.eval()
     device = device or next(model.parameters()).device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # concat, com2, com, loss, n
+    stopped = False
     for inputs, targets, _ in tqdm(loader, desc="test", leave=False, dynamic_ncols=True,
-                                disable=not progress):
+                                   disable=not progress):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+        if inputs.shape[0] == 0:  # every image of the batch was skipped as unreadable
+            continue
         inputs = inputs.to(device, non_blocking=True)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -262,8 +294,12 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
         sums += torch.stack([(concat.argmax(1) == targets).sum().double(),
                              (s.com2.argmax(1) == targets).sum().double(),
                              (s.com.argmax(1) == targets).sum().double(),
-                             loss.double(), torch.tensor(len(targets), device=device).double()])
-    correct_concat, correct_com2, correct_com, loss_sum, n = dist.all_reduce_sum(sums.tolist())
+                             loss.double(), sums.new_tensor(len(targets))])
+    # Ranks hold different numbers of test batches: agree on stopping only after the loop.
+    *totals, stopped = dist.all_reduce_sum(sums.tolist() + [float(stopped)])
+    if stopped:
+        return None
+    correct_concat, correct_com2, correct_com, loss_sum, n = totals
     n = max(n, 1)
     return {"acc_concat": 100.0 * correct_concat / n, "acc_com2": 100.0 * correct_com2 / n,
             "acc_combined": 100.0 * correct_com / n, "loss": loss_sum / n, "samples": int(n)}

@@ -9,6 +9,7 @@ combined test accuracy), results_train.txt / results_test.txt (the reference's f
 log.jsonl (one JSON record per epoch).
 """
 import argparse
+import os
 import signal
 import sys
 import time
@@ -21,16 +22,17 @@ import checkpoint as ckpt_io
 import distributed as dist
 from data import BadImageError, DatasetError, build_loaders, mix_seed
 from engine import (DeviceError, NonFiniteLossError, compile_network, evaluate, make_optimizer,
-                    new_epoch_stats, pick_device, reduce_stats, summarise_train, train_one_epoch,
-                    zero_fill_grads)
+                    new_epoch_stats, pick_device, reduce_stats, set_hyperparameters,
+                    summarise_train, train_one_epoch, zero_fill_grads)
 from model import build_cmal
-from src.models import WeightsError
+from src.models import WeightsError, resolve_weights
 
 # Every setting, with the reference's defaults and a line of help. The dataset scripts replace
 # some defaults; the command line overrides any of them (--name=value).
 SETTINGS = {
     "data_path": (None, "dataset root holding train/<class>/ and test/<class>/"),
-    "num_classes": (None, "number of classes (checked against the class folders)"),
+    "num_classes": (None, "number of classes (checked against the class folders; by default "
+                          "their number)"),
     "epochs": (200, "training epochs"),
     "batch_size": (16, "training batch (over all processes)"),
     "test_batch_size": (3, "evaluation batch per process"),
@@ -52,6 +54,7 @@ SETTINGS = {
     "resume": ("", "continue a run: a checkpoint path, or bare --resume for "
                    "output_dir/last.pt (a fresh start when there is none yet)"),
     "test_only": (False, "only evaluate a checkpoint (--resume=PATH, default output_dir/best.pt)"),
+    "overwrite": (False, "start a new run in an output_dir that already holds one"),
     "save_every": (0, "also write last.pt every N iterations inside an epoch (0: epoch ends only)"),
     "amp": ("none", "mixed precision: none, bf16 or fp16 (fp16 uses a gradient scaler)"),
     "channels_last": (False, "channels-last memory format"),
@@ -178,8 +181,9 @@ class StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        log(f"\n{self.signal} received: stopping after this iteration and saving a checkpoint "
-            "(send it again to stop at once)")
+        if dist.is_main():  # os.write: print() is not safe inside a signal handler
+            os.write(1, f"\n{self.signal} received: stopping after this iteration and saving a "
+                        "checkpoint (send it again to stop at once)\n".encode())
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -236,20 +240,25 @@ def setup_device(cfg):
     return device
 
 
-def restore(path, cfg, model, optimizer, scaler):
+def restore(path, cfg, classes, model, optimizer, scaler):
     """Load a checkpoint into the run's objects; return the run state it holds."""
     ck = ckpt_io.load(path)
+    check_classes(ck, classes, path)
     ckpt_io.load_model_state(model, ck, path)
     optimizer.load_state_dict(ck["optimizer"])
-    for group, fresh in zip(optimizer.param_groups, make_optimizer(
-            model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay).param_groups):
-        # Settings given now win over the saved ones (the same, for a plain resume).
-        group.update({k: fresh[k] for k in ("base_lr", "momentum", "weight_decay")})
+    # Settings given now win over the saved ones (the same, for a plain resume).
+    set_hyperparameters(optimizer, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
     if scaler is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
     state = {k: ck[k] for k in RUN_STATE}
     zero_fill_grads(model)
     if state["stats"]:
+        saved = ck["settings"]
+        if (saved["batch_size"], saved["seed"]) != (cfg.batch_size, cfg.seed):
+            raise ckpt_io.CheckpointError(
+                f"{path} was saved inside epoch {state['epoch'] + 1} with --batch_size="
+                f"{saved['batch_size']} --seed={saved['seed']}; the rest of that epoch needs "
+                "the same values to see the right images")
         ckpt_io.restore_rng(ck["rng"])
         if not dist.is_main():  # the saved sums cover all processes: count them once
             state["stats"] = {**new_epoch_stats(), "position": state["stats"]["position"]}
@@ -257,6 +266,15 @@ def restore(path, cfg, model, optimizer, scaler):
         + (f", batch {state['stats']['position']}" if state["stats"] else "")
         + f", best combined accuracy {state['best_acc']:.2f}%")
     return state
+
+
+def check_classes(ck, classes, path):
+    if ck["classes"] != classes:
+        differ = sorted(set(ck["classes"]) ^ set(classes))
+        raise ckpt_io.CheckpointError(
+            f"{path} was trained on other classes than this data_path's"
+            + (f" (not in both: {differ[:8]})" if differ else " (same names, another order)")
+            + "; point --data_path at the dataset it was trained on")
 
 
 # What a run carries from epoch to epoch; stats: the running sums of an epoch interrupted
@@ -269,6 +287,7 @@ def run(cfg):
     torch.manual_seed(cfg.seed)
     train_loader, test_loader, classes = build_loaders(cfg, dist.rank(), dist.world_size(),
                                                        pin_memory=device.type == "cuda")
+    cfg.num_classes = cfg.num_classes or len(classes)
     out_dir = Path(cfg.output_dir)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     criterion = nn.CrossEntropyLoss()
@@ -276,12 +295,20 @@ def run(cfg):
         return test_only(cfg, device, test_loader, criterion, amp_dtype)
 
     path = resume_path(cfg)
+    if not path and (out_dir / "last.pt").exists() and not cfg.overwrite:
+        raise ckpt_io.CheckpointError(
+            f"{out_dir} already holds a run (last.pt): continue it with --resume, or start a new "
+            "one with --overwrite or another --output_dir")
+    if not path and cfg.weights:
+        if dist.is_main():  # one download, not one per process
+            resolve_weights(cfg.weights)
+        dist.barrier()
     model = build_model(cfg, weights=None if path else cfg.weights).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    state = restore(path, cfg, model, optimizer, scaler) if path else \
+    state = restore(path, cfg, classes, model, optimizer, scaler) if path else \
         {k: (list(v) if isinstance(v, list) else v) for k, v in RUN_STATE.items()}
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -305,8 +332,8 @@ def run(cfg):
         """
         if stats is not None:
             stats = reduce_stats(stats)
-        if not all(torch.isfinite(t).all() for t in model.state_dict().values()
-                   if t.is_floating_point()):
+        if not torch.stack([t.isfinite().all() for t in model.state_dict().values()
+                            if t.is_floating_point()]).all():
             raise NonFiniteLossError(f"the weights hold NaN or infinite values at epoch "
                                      f"{epoch + 1}; the run is stopped and no checkpoint was "
                                      "written from this state. Lower --lr or prefer --amp=bf16.")
@@ -348,6 +375,14 @@ def run(cfg):
                 amp_dtype=amp_dtype, scaler=scaler, channels_last=cfg.channels_last,
                 after_batch=after_batch, progress=progress)
             dist.broadcast_buffers(model)
+            test = None
+            if finished and should_evaluate(epoch, cfg):
+                # A signal during evaluation stops it: the epoch's training is saved below
+                # and the evaluation runs again on resume.
+                test = evaluate(net, test_loader, criterion, device, amp_dtype,
+                                cfg.channels_last, progress=progress,
+                                should_stop=lambda: stop.signal is not None)
+                finished = test is not None
             if not finished:
                 checkpoint(epoch, stats)
                 log(f"stopped by {stop.signal} at epoch {epoch + 1}, batch {stats['position']}; "
@@ -356,9 +391,8 @@ def run(cfg):
             record = {"epoch": epoch, **summarise_train(stats),
                       "lr": optimizer.param_groups[0]["lr"],
                       "backbone_lr": optimizer.param_groups[-1]["lr"]}
-            if should_evaluate(epoch, cfg):
-                record["test"] = evaluate(net, test_loader, criterion, device, amp_dtype,
-                                          cfg.channels_last, progress=progress)
+            if test is not None:
+                record["test"] = test
             record["time"] = time.time() - t0
             state["history"].append(record)
             is_best = bool(record.get("test")) and record["test"]["acc_combined"] > state["best_acc"]
@@ -385,7 +419,8 @@ def _plain(d):
 def test_only(cfg, device, test_loader, criterion, amp_dtype):
     """Score a checkpoint (its own architecture settings) on cfg.data_path's test split."""
     path = Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else Path(cfg.output_dir) / "best.pt"
-    model, _, _ = load_trained(path, device)
+    model, trained_classes, _ = load_trained(path, device)
+    check_classes({"classes": trained_classes}, test_loader.dataset.classes, path)
     result = evaluate(model, test_loader, criterion, device, amp_dtype, cfg.channels_last,
                       progress=cfg.progress and dist.is_main())
     log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "

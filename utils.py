@@ -19,8 +19,10 @@ def map_generate(attention_map, pred, p1, p2):
 
     out[b] = p2[c] @ (p1 @ attention_map[b]) with c = argmax pred[b]; (B, C, h, w) -> (B, h, w).
     """
-    w = p2[pred.argmax(1)].float() @ p1.float()  # (B, C): p2[c] @ p1, one row per sample
-    return torch.einsum("bc,bchw->bhw", w, attention_map.float())
+    # float32 even inside autocast: the crop boxes must not depend on the precision setting.
+    with torch.autocast(attention_map.device.type, enabled=False):
+        w = p2[pred.argmax(1)].float() @ p1.float()  # (B, C): p2[c] @ p1, one row per sample
+        return torch.einsum("bc,bchw->bhw", w, attention_map.float())
 
 
 def normalised_map(maps, size):
@@ -109,10 +111,14 @@ def attention_box(attention_map, size, theta=0.5, padding_ratio=0.1):
     return _boxes(norm >= theta, _finite(attention_map), padding_ratio)
 
 
+def joint_map(m1, m2, m3, size):
+    """The three experts' normalised maps, summed and normalised again."""
+    return normalise(sum(normalised_map(m, size) for m in (m1, m2, m3)))
+
+
 def highlight_box(m1, m2, m3, size, theta=0.5, padding_ratio=0.1):
-    """The box of the three experts' normalised maps, summed and normalised again."""
-    total = sum(normalised_map(m, size) for m in (m1, m2, m3))
-    return _boxes(normalise(total) >= theta, _finite(m1, m2, m3), padding_ratio)
+    """The box of the experts' joint map."""
+    return _boxes(joint_map(m1, m2, m3, size) >= theta, _finite(m1, m2, m3), padding_ratio)
 
 
 def attention_im(images, attention_map, theta=0.5, padding_ratio=0.1):

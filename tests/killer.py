@@ -4,7 +4,7 @@
 
 KIND: step (SIGKILL after this process's N-th training iteration), sigterm (SIGTERM after the
 N-th iteration), write (SIGKILL halfway through writing the N-th checkpoint file), eval
-(SIGKILL inside the N-th evaluation batch), none.
+(SIGKILL inside the N-th evaluation batch), evalterm (SIGTERM inside it), none.
 """
 import os
 import signal
@@ -52,13 +52,13 @@ elif kind == "write":
             write(f)
         original_write(path, half_then_die)
     checkpoint._atomic_write = atomic_write
-elif kind == "eval":
+elif kind in ("eval", "evalterm"):
     original_evaluate, original_highlight = train.evaluate, engine.highlight_im
     inside = [False]
 
     def highlight_im(*args, **kwargs):
         if inside[0]:
-            tick()
+            tick(signal.SIGTERM if kind == "evalterm" else signal.SIGKILL)
         return original_highlight(*args, **kwargs)
 
     def evaluate(*args, **kwargs):

@@ -75,3 +75,16 @@ def test_stop_and_resume_under_torchrun(ddp_run, data, tmp_path):
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert (out / "results_train.txt").read_text() == (ddp_run / "results_train.txt").read_text()
+
+
+def test_skipped_images_do_not_desynchronise_the_ranks(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    for name in ("2.jpg", "5.jpg"):  # some batch of 2 per rank will lose a sample
+        bad = data / "train" / "class_1" / name
+        bad.write_bytes(bad.read_bytes()[:300])
+    out = tmp_path / "run"
+    proc = torchrun("killer.py", "none", "0", f"--data_path={data}", f"--output_dir={out}",
+                    "--epochs=2", "--skip_bad_images", *ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [2, 2]

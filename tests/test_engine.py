@@ -184,9 +184,11 @@ def test_five_passes_five_steps_and_schedule():
     assert len(forwards) == 5 and len(steps) == 5
     assert [g["lr"] for g in opt.param_groups] == pytest.approx(
         [cosine_anneal_schedule(30, 40, 0.002)] * 7 + [cosine_anneal_schedule(30, 40, 0.0002)])
-    assert set(out) == {"loss1", "loss2", "loss3", "loss_att", "loss_concat", "logits_concat"}
-    assert all(isinstance(out[k], float) for k in out if k != "logits_concat")
+    assert set(out) == {"loss1", "loss2", "loss3", "loss_att", "loss_concat", "logits_concat",
+                        "correct"}
+    assert all(isinstance(out[k], float) for k in out if k not in ("logits_concat", "correct"))
     assert out["logits_concat"].shape == (4, 4)
+    assert out["correct"] == int((out["logits_concat"].argmax(1) == targets).sum())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

@@ -135,3 +135,16 @@ def test_ctrl_c_to_the_process_group_with_workers(reference, tmp_path):
     proc = launch(data, out, "none", 0, "--resume", "--workers=2")
     assert proc.returncode == 0, proc.stderr
     assert_same_run(out, reference_out)
+
+
+def test_sigterm_during_evaluation_keeps_the_epoch(reference, tmp_path):
+    data, reference_out = reference
+    out = tmp_path / "evalterm"
+    proc = launch(data, out, "evalterm", 2)  # inside the first evaluation
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    ck = ckpt_io.load(out / "last.pt")
+    assert ck["epoch"] == 0 and ck["stats"]["position"] == 6  # the whole epoch's training
+    assert not (out / "results_test.txt").read_text()
+    proc = launch(data, out, "none", 0, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(out, reference_out)

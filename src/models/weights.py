@@ -1,4 +1,5 @@
 """Reading published TResNet-L-V2 weight files safely, and fetching them once into a cache."""
+import http.client
 import os
 import pickle
 import tempfile
@@ -52,12 +53,15 @@ def download(url, dest_dir=None, timeout=30.0, progress=True):
             fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=dest.name, suffix=".part")
             try:
                 with os.fdopen(fd, "wb") as f:
-                    _copy_with_progress(response, f, total, dest.name, progress)
+                    written = _copy_with_progress(response, f, total, dest.name, progress)
+                if total is not None and written != total:
+                    raise WeightsError(f"could not download {url}: the connection ended after "
+                                       f"{written} of {total} bytes; try again. {hint}")
                 os.replace(tmp, dest)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise WeightsError(f"could not download {url}: {reason}. {hint}") from None
     return dest
@@ -67,9 +71,12 @@ def _copy_with_progress(src, dst, total, name, progress):
     from tqdm import tqdm
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}",
               disable=not progress) as bar:
+        written = 0
         while chunk := src.read(1 << 20):
             dst.write(chunk)
+            written += len(chunk)
             bar.update(len(chunk))
+    return written
 
 
 def read_checkpoint(path):
@@ -150,7 +157,13 @@ def load_tresnet_weights(model, source, timeout=30.0, progress=True):
     refused before anything is copied, so a failed load leaves the model untouched.
     """
     path = resolve_weights(source, timeout=timeout, progress=progress)
-    state = extract_state_dict(read_checkpoint(path), str(path))
+    try:
+        state = extract_state_dict(read_checkpoint(path), str(path))
+    except WeightsError as exc:
+        if str(path) != str(source):  # a downloaded copy: say which file to delete
+            raise WeightsError(f"{exc} (this is the cached download of {source}: delete it to "
+                               "download it again)") from None
+        raise
     model_state = model.state_dict()
     head_fits = all(k in state and state[k].shape == v.shape
                     for k, v in model_state.items() if k.startswith(HEAD_PREFIX))
