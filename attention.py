@@ -22,7 +22,7 @@ from matplotlib.patches import Rectangle
 from engine import combined_scores, pick_device
 from inference import (ToolError, batches, find_images, load_images, load_model, run_tool,
                        tool_parser)
-from utils import attention_box, highlight_box, normalise, normalised_map
+from utils import attention_box, highlight_box, joint_map, normalised_map
 
 EXPERT_LAYERS = ("layer2", "layer3", "layer4")
 BOX_COLOR = "#00ff66"
@@ -147,7 +147,7 @@ def render(model, classes, cfg, paths, names, out_dir, skip_bad=False, batch_siz
         s = combined_scores(model, inputs)
         size = inputs.shape[2:]
         heats = [normalised_map(a, size).cpu() for a in s.maps]
-        joint = normalise(sum(heats))
+        joint = joint_map(*s.maps, size).cpu()
         boxes = [torch.stack(attention_box(a, size), 1).cpu() for a in s.maps]
         joint_boxes = torch.stack(highlight_box(*s.maps, size), 1).cpu()
         map_sizes = [f"{a.shape[1]}x{a.shape[2]}" for a in s.maps]

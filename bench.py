@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn as nn
 
-from engine import compile_network, evaluate, make_optimizer, train_step
+from engine import compile_network, evaluate, make_optimizer, pick_device, train_step
 from model import build_cmal
 
 
@@ -53,12 +53,6 @@ def parse(argv=None):
                    help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def _device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _sync(device):
@@ -93,7 +87,7 @@ def _count_flops(fn):
 
 
 def measure(args):
-    device = _device(args.device)
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mode == "matmul":
@@ -212,7 +206,7 @@ def main(argv=None):
     if args.mode != "all":
         print(json.dumps(measure(args)))
         return 0
-    device = _device(args.device)
+    device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}); torch {torch.__version__}; input {args.image_size} px, "

@@ -13,11 +13,6 @@ def rank():
     return tdist.get_rank() if is_distributed() else 0
 
 
-def rank_from_env():
-    """This process's rank as torchrun announced it (also after the group is shut down)."""
-    return int(os.environ.get("RANK", 0))
-
-
 def world_size():
     return tdist.get_world_size() if is_distributed() else 1
 
