@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from engine import compile_network, evaluate, make_optimizer, pick_device, train_step
 from model import build_cmal
+from src.models import inplace_abn_available, pure_abn_for
 
 
 def parse(argv=None):
@@ -42,7 +43,8 @@ def parse(argv=None):
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--pure_abn", action="store_true", help="the pure-PyTorch ABN")
+    p.add_argument("--abn", default="auto", choices=["auto", "inplace", "pure"],
+                   help="activated batch norm (auto: inplace on CUDA, pure on the CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     p.add_argument("--loader", action="store_true",
                    help="measure the training input pipeline instead, on generated JPEGs")
@@ -96,7 +98,7 @@ def measure(args):
     net = build_cmal(args.num_classes, layers=tuple(int(n) for n in args.layers.split(",")),
                      width_factor=args.width_factor, mid_channels=args.head_mid,
                      feature_channels=args.head_features, hidden=args.head_hidden,
-                     pure_abn=True if args.pure_abn else None)
+                     pure_abn=pure_abn_for(args.abn, device))
     net = net.to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -211,7 +213,8 @@ def main(argv=None):
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}); torch {torch.__version__}; input {args.image_size} px, "
           f"batch {args.batch}, layers {args.layers}, width {args.width_factor}, amp {args.amp}, "
-          f"channels_last {args.channels_last}, compile {args.compile}")
+          f"channels_last {args.channels_last}, compile {args.compile}, abn {args.abn} ("
+          f"{'pure' if pure_abn_for(args.abn, device) or not inplace_abn_available() else 'inplace'})")
     mm = _child(args, "matmul")["matmul_gflops"]
     print(f"matmul (float32, 4096^2): {mm:.1f} GFLOP/s")
     for mode, label in (("train", "train_step"), ("eval", "evaluate")):

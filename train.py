@@ -25,7 +25,8 @@ from engine import (DeviceError, NonFiniteLossError, compile_network, evaluate, 
                     new_epoch_stats, pick_device, reduce_stats, set_hyperparameters,
                     summarise_train, train_one_epoch, zero_fill_grads)
 from model import build_cmal
-from src.models import WeightsError, resolve_weights
+from src.models import (ABN_CHOICES, WeightsError, inplace_abn_available, pure_abn_for,
+                        resolve_weights)
 
 # Every setting, with the reference's defaults and a line of help. The dataset scripts replace
 # some defaults; the command line overrides any of them (--name=value).
@@ -64,7 +65,8 @@ SETTINGS = {
     "head_mid": (512, "channels of the first conv of each expert's block"),
     "head_features": (1024, "channels of each expert's feature map"),
     "head_hidden": (512, "hidden width of each classifier"),
-    "pure_abn": (False, "use the pure-PyTorch ABN even when inplace_abn is installed"),
+    "abn": ("auto", "activated batch norm: inplace (inplace_abn), pure (pure PyTorch, the same "
+                    "function) or auto (inplace on CUDA, pure on the CPU, where it is faster)"),
     "skip_bad_images": (False, "skip unreadable images with a warning instead of stopping"),
     "max_image_pixels": (89478485, "refuse images with more pixels (decompression bombs)"),
     "fast_decode": (False, "decode large JPEGs at a reduced scale (faster loading; the images "
@@ -129,6 +131,11 @@ def _validate(parser, cfg):
                      f"got {cfg.image_size}")
     if cfg.resize < cfg.image_size:
         parser.error(f"--resize ({cfg.resize}) must be at least --image_size ({cfg.image_size})")
+    if cfg.abn not in ABN_CHOICES:
+        parser.error(f"--abn must be one of {', '.join(ABN_CHOICES)}, got {cfg.abn!r}")
+    if cfg.abn == "inplace" and not inplace_abn_available():
+        parser.error("--abn=inplace but inplace_abn is not installed (make setup builds it); "
+                     "use --abn=auto")
     if cfg.amp not in ("none", "bf16", "fp16"):
         parser.error(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
     if cfg.num_classes is not None and cfg.num_classes < 2:
@@ -194,11 +201,11 @@ class StopRequest:
         return dist.all_reduce_sum([float(local)])[0] > 0 if dist.is_distributed() else local
 
 
-def build_model(cfg, weights=None):
+def build_model(cfg, device, weights=None):
     return build_cmal(cfg.num_classes, weights=weights or None, mid_channels=cfg.head_mid,
                       feature_channels=cfg.head_features, hidden=cfg.head_hidden,
                       layers=cfg.layers, width_factor=cfg.width_factor,
-                      pure_abn=True if cfg.pure_abn else None)
+                      pure_abn=pure_abn_for(cfg.abn, device)).to(device)
 
 
 def load_trained(path, device="cpu"):
@@ -207,9 +214,9 @@ def load_trained(path, device="cpu"):
     cfg = argparse.Namespace(**{k: v for k, (v, _) in SETTINGS.items()})
     vars(cfg).update(ck["settings"])
     cfg.layers = tuple(cfg.layers)
-    model = build_model(cfg)
+    model = build_model(cfg, device)
     ckpt_io.load_model_state(model, ck, path)
-    return model.to(device).eval(), ck["classes"], cfg
+    return model.eval(), ck["classes"], cfg
 
 
 def resume_path(cfg):
@@ -303,7 +310,7 @@ def run(cfg):
         if dist.is_main():  # one download, not one per process
             resolve_weights(cfg.weights)
         dist.barrier()
-    model = build_model(cfg, weights=None if path else cfg.weights).to(device)
+    model = build_model(cfg, device, weights=None if path else cfg.weights)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)

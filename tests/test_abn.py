@@ -115,3 +115,26 @@ def test_whole_backbone_same_with_both(monkeypatch):
         a.zero_grad(), b.zero_grad()
     for (n, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
+@pytest.mark.parametrize("training", [True, False])
+def test_pure_abn_backward_is_the_true_gradient(activation, training):
+    m = PureABN(3, activation=activation, activation_param=0.2).double().train(training)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([0.8, -1.3, 0.4]))
+        m.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x = torch.randn(3, 3, 4, 2, dtype=torch.float64, requires_grad=True)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    w = m.weight.detach().clone().requires_grad_()
+    b = m.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: _functional(m, state, x, w, b), (x, w, b))
+
+
+def _functional(m, state, x, w, b):
+    """PureABN as a function of (input, weight, bias), for gradcheck."""
+    from src.models.abn import _ABNFunction
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    slope = m.activation_param if m.activation == "leaky_relu" else None
+    return _ABNFunction.apply(flat, w, b, state["running_mean"].clone(), state["running_var"].clone(),
+                              m.training, m.momentum, m.eps, slope)

@@ -83,12 +83,21 @@ def test_cli_options_train_and_resume(image_folder, tmp_path):
     assert ckpt_io.load(out / "last.pt")["epoch"] == 2
     out2 = tmp_path / "bf16"
     assert train.main({**base, "output_dir": str(out2)},
-                      TINY_ARGS + ["--amp=bf16", "--epochs=1", "--pure_abn"]) == 0
+                      TINY_ARGS + ["--amp=bf16", "--epochs=1", "--abn=pure"]) == 0
 
 
-def test_cli_compile(image_folder, tmp_path):
+def test_cli_compile_wraps_the_trained_network(image_folder, tmp_path, monkeypatch):
+    # Compiling for real is test_compiled_step_equals_eager's job (a minute and a half here);
+    # this checks that --compile hands the network to it and saves plain weights.
+    wrapped = []
+
+    def compile_network(net):
+        wrapped.append(net)
+        return net
+    monkeypatch.setattr(train, "compile_network", compile_network)
     assert train.main({"data_path": str(image_folder), "num_classes": 3,
                        "output_dir": str(tmp_path / "c")},
-                      TINY_ARGS + ["--compile", "--pure_abn", "--epochs=1"]) == 0
+                      TINY_ARGS + ["--compile", "--epochs=1"]) == 0
+    assert len(wrapped) == 1 and type(wrapped[0]).__name__ == "CMALNet"
     ck = ckpt_io.load(tmp_path / "c" / "last.pt")
     assert not any(k.startswith("_orig_mod") for k in ck["model"])
