@@ -206,9 +206,10 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
                               amp_dtype=amp_dtype, scaler=scaler)
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(
-                f"non-finite training loss at epoch {epoch}, batch {stats['batches']} ({exc}). The "
-                "run is stopped and no checkpoint was written from this state. Lower --lr, check "
-                "the data (python check_data.py DATA_PATH), or prefer --amp=bf16 to fp16.") from None
+                f"non-finite training loss at epoch {epoch + 1}, batch {stats['position']} "
+                f"({exc}). The run is stopped and no checkpoint was written from this state. Lower "
+                "--lr, check the data (python check_data.py DATA_PATH), or prefer --amp=bf16 to "
+                "fp16.") from None
         stats["batches"] += 1
         stats["total"] += targets.shape[0]
         stats["correct"] += step["correct"]

@@ -173,7 +173,7 @@ def test_non_finite_loss_stops_without_touching_checkpoints(image_folder, tmp_pa
     assert run(image_folder, out, "--epochs=3", "--resume", "--lr=1e30", "--backbone_lr=1e30",
                "--save_every=1") == 2
     err = capsys.readouterr().err
-    assert "non-finite training loss at epoch 1" in err and "no checkpoint was written" in err
+    assert "non-finite training loss at epoch 2, batch 1" in err and "no checkpoint was written" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
