@@ -18,9 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
+from checkpoint import JSON_LOG as LOG_NAME
 from inference import ToolError, run_tool
 
-LOG_NAME = "log.jsonl"
 TRAIN_LOSSES = ("train_loss", "loss1", "loss2", "loss3", "loss_att", "loss_concat")
 TEST_ACCURACIES = (("acc_concat", "test concat"), ("acc_com2", "test com2"),
                    ("acc_combined", "test combined"))
