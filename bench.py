@@ -3,6 +3,8 @@
     python bench.py                                  # full TResNet-L-V2, 224 px, batch 4, auto device
     python bench.py --image_size=368 --batch=16 --device=cuda --amp=bf16 --channels_last
     python bench.py --loader --workers=2             # the input pipeline on large JPEGs
+    python bench.py --compare --image_size=368 --batch=16 --num_classes=196 --device=cuda
+                                                     # the reference's set-up against faster ones
 
 For each of train_step and evaluate it prints images/s, peak memory, FLOPs per image (counted
 by torch.utils.flop_counter) and the achieved GFLOP/s, next to the GFLOP/s of a large float32
@@ -21,9 +23,9 @@ import time
 import torch
 import torch.nn as nn
 
-from engine import compile_network, evaluate, make_optimizer, pick_device, train_step
+from engine import SGD_IMPLS, compile_network, evaluate, make_optimizer, pick_device, train_step
 from model import build_cmal
-from src.models import inplace_abn_available, pure_abn_for
+from src.models import ABN_CHOICES, abn_kind_for, inplace_abn_available
 
 
 def parse(argv=None):
@@ -43,9 +45,18 @@ def parse(argv=None):
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--abn", default="auto", choices=["auto", "inplace", "pure"],
-                   help="activated batch norm (auto: inplace on CUDA, pure on the CPU)")
+    p.add_argument("--abn", default="auto", choices=list(ABN_CHOICES),
+                   help="activated batch norm (auto: pure on the CPU; on CUDA native with --amp, "
+                        "inplace without)")
+    p.add_argument("--sgd", default="foreach", choices=list(SGD_IMPLS),
+                   help="SGD implementation (loop: per parameter, as the reference)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    p.add_argument("--compare", action="store_true",
+                   help="time the reference's configuration (fp32, eager, InPlaceABN, SGD per "
+                        "parameter) against each faster one and print a table")
+    p.add_argument("--rows", default="",
+                   help="--compare: only these rows of the table, e.g. 0,3 (0 is the reference's "
+                        "set-up; default all)")
     p.add_argument("--loader", action="store_true",
                    help="measure the training input pipeline instead, on generated JPEGs")
     p.add_argument("--workers", type=int, default=2, help="--loader: data loading processes")
@@ -98,7 +109,7 @@ def measure(args):
     net = build_cmal(args.num_classes, layers=tuple(int(n) for n in args.layers.split(",")),
                      width_factor=args.width_factor, mid_channels=args.head_mid,
                      feature_channels=args.head_features, hidden=args.head_hidden,
-                     pure_abn=pure_abn_for(args.abn, device))
+                     abn=abn_kind_for(args.abn, device, amp=args.amp != "none"))
     net = net.to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -111,7 +122,7 @@ def measure(args):
     criterion = nn.CrossEntropyLoss()
     runner = compile_network(net) if args.compile else net
     if args.mode == "train":
-        optimizer = make_optimizer(net)
+        optimizer = make_optimizer(net, impl=args.sgd)
 
         def once():
             train_step(runner, optimizer, x, y, criterion, amp_dtype=amp_dtype, scaler=scaler)
@@ -139,11 +150,58 @@ def measure(args):
     return result
 
 
-def _child(args, mode):
-    argv = [a for a in sys.argv[1:] if not a.startswith("--mode")] + [f"--mode={mode}", "--json"]
-    out = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, check=True,
-                         capture_output=True, text=True)
+def _child(argv, mode):
+    """One measurement in a fresh process (its own peak memory), with these bench.py options."""
+    argv = [a for a in argv if not a.startswith("--mode")] + [f"--mode={mode}", "--json"]
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.py {' '.join(argv)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# The reference's set-up first; then one lever at a time, then together. "abn" is an --abn
+# value; the reference's InPlaceABN is replaced by the pure ABN where inplace_abn is missing.
+COMPARED = [
+    ("reference set-up: fp32, eager, InPlaceABN, SGD per parameter",
+     ["--amp=none", "--abn=inplace", "--sgd=loop"]),
+    ("fp32, foreach SGD", ["--amp=none", "--abn=inplace", "--sgd=foreach"]),
+    ("fp32, native ABN, foreach SGD, compile", ["--amp=none", "--abn=native", "--sgd=foreach",
+                                                "--compile"]),
+    ("bf16, native ABN, foreach SGD", ["--amp=bf16", "--abn=native", "--sgd=foreach"]),
+    ("bf16, native ABN, fused SGD, compile", ["--amp=bf16", "--abn=native", "--sgd=fused",
+                                              "--compile"]),
+    ("bf16, native ABN, fused SGD, compile, channels_last",
+     ["--amp=bf16", "--abn=native", "--sgd=fused", "--compile", "--channels_last"]),
+]
+_COMPARED_OPTIONS = ("--amp", "--abn", "--sgd", "--compile", "--channels_last", "--compare",
+                     "--rows")
+
+
+def compare(args, argv):
+    """Every COMPARED configuration on the same model, input and device, each in its own
+    process: img/s of train_step and evaluate, peak memory, and the ratio to the first row."""
+    common = [a for a in argv if not a.startswith(_COMPARED_OPTIONS)]
+    if not inplace_abn_available():
+        print("note: inplace_abn is not installed; the rows that name InPlaceABN use the pure ABN")
+    print("| configuration | train_step img/s | vs reference | peak memory | evaluate img/s | "
+          "vs reference |")
+    print("|---|---|---|---|---|---|")
+    rows = [int(i) for i in args.rows.split(",")] if args.rows else range(len(COMPARED))
+    base = None
+    for label, options in (COMPARED[i] for i in rows):
+        if not inplace_abn_available():
+            options = [o.replace("--abn=inplace", "--abn=pure") for o in options]
+        try:
+            train, evaluation = (_child(common + options, mode) for mode in ("train", "eval"))
+        except RuntimeError as exc:
+            print(f"| {label} | failed: {str(exc).strip().splitlines()[-1][:120]} | | | | |")
+            continue
+        base = base or (train["images_per_s"], evaluation["images_per_s"])
+        print(f"| {label} | {train['images_per_s']:.2f} | {train['images_per_s'] / base[0]:.2f}x "
+              f"| {train['peak_mb'] / 1024:.2f} GiB | {evaluation['images_per_s']:.2f} | "
+              f"{evaluation['images_per_s'] / base[1]:.2f}x |", flush=True)
+    return 0
 
 
 def _photo_like(rng, width, height):
@@ -202,6 +260,7 @@ def loader_benchmark(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     if args.loader:
         return loader_benchmark(args)
@@ -209,22 +268,35 @@ def main(argv=None):
         print(json.dumps(measure(args)))
         return 0
     device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"device: {device} ({name}); torch {torch.__version__}; input {args.image_size} px, "
-          f"batch {args.batch}, layers {args.layers}, width {args.width_factor}, amp {args.amp}, "
-          f"channels_last {args.channels_last}, compile {args.compile}, abn {args.abn} ("
-          f"{'pure' if pure_abn_for(args.abn, device) or not inplace_abn_available() else 'inplace'})")
-    mm = _child(args, "matmul")["matmul_gflops"]
+    if args.compare:
+        _describe(args, device, per_configuration=False)
+        return compare(args, argv)
+    _describe(args, device)
+    mm = _child(argv, "matmul")["matmul_gflops"]
     print(f"matmul (float32, 4096^2): {mm:.1f} GFLOP/s")
     for mode, label in (("train", "train_step"), ("eval", "evaluate")):
-        r = _child(args, mode)
+        r = _child(argv, mode)
         line = f"{label:10s}: {r['images_per_s']:8.2f} img/s  peak memory {r['peak_mb']:8.0f} MB"
         if "gflops" in r:
             line += (f"  {r['gflop_per_image']:6.1f} GFLOP/img  {r['gflops']:7.1f} GFLOP/s "
                      f"({100 * r['gflops'] / mm:.0f}% of matmul)")
         print(line)
     return 0
+
+
+def _describe(args, device, per_configuration=True):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    line = (f"device: {device} ({name}); torch {torch.__version__}; input {args.image_size} px, "
+            f"batch {args.batch}, {args.num_classes} classes, layers {args.layers}, width "
+            f"{args.width_factor}")
+    if per_configuration:
+        line += (f", amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
+                 f"abn {args.abn} ({abn_kind_for(args.abn, device, amp=args.amp != 'none')}), "
+                 f"sgd {args.sgd}")
+    print(line)
 
 
 if __name__ == "__main__":

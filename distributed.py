@@ -25,6 +25,22 @@ def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
+class GpuCountError(RuntimeError):
+    """torchrun started more processes on this machine than it has GPUs."""
+
+
+def check_gpus_per_node():
+    """Refuse before NCCL does (with a hang or an obscure error) when two processes would share
+    a GPU."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    visible = torch.cuda.device_count()
+    if per_node > visible:
+        raise GpuCountError(
+            f"torchrun started {per_node} processes on this machine but only {visible} GPU(s) "
+            f"are visible: use --nproc_per_node={visible} (one process per GPU), or --device=cpu "
+            "to train on the CPU")
+
+
 def init(device_type):
     """Join the process group torchrun describes: NCCL on CUDA, Gloo on the CPU.
 

@@ -1,7 +1,6 @@
 """CMAL-Net: three experts on layer2, layer3 and layer4 of TResNet-L-V2, and their concatenation."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from basic_conv import BasicConv
 from src.models import TResnetL_V2, load_tresnet_weights
@@ -68,7 +67,10 @@ class CMALNet(nn.Module):
         for x_i, (conv_block, classifier) in zip(feats, self.experts()):
             f = conv_block(x_i)
             maps.append(f.detach())
-            v = F.adaptive_max_pool2d(f, 1).flatten(1)
+            # The reference's global max pool. amax has a deterministic CUDA backward; it differs
+            # from max pooling's only on exact ties, which after the ReLU occur at 0, where the
+            # ReLU passes no gradient anyway.
+            v = f.amax((2, 3))
             pooled.append(v)
             logits.append(classifier(v))
         logits_concat = self.classifier_concat(torch.cat(pooled, -1))

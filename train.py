@@ -21,11 +21,12 @@ import torch.nn as nn
 import checkpoint as ckpt_io
 import distributed as dist
 from data import BadImageError, DatasetError, build_loaders, mix_seed
-from engine import (DeviceError, NonFiniteLossError, compile_network, evaluate, make_optimizer,
-                    new_epoch_stats, pick_device, reduce_stats, set_hyperparameters,
-                    summarise_train, train_one_epoch, zero_fill_grads)
+from engine import (SGD_IMPLS, DeviceError, NonFiniteLossError, compile_network, evaluate,
+                    load_optimizer_state, make_optimizer, new_epoch_stats, pick_device,
+                    reduce_stats, set_hyperparameters, summarise_train, train_one_epoch,
+                    zero_fill_grads)
 from model import build_cmal
-from src.models import (ABN_CHOICES, WeightsError, inplace_abn_available, pure_abn_for,
+from src.models import (ABN_CHOICES, WeightsError, abn_kind_for, inplace_abn_available,
                         resolve_weights)
 
 # Every setting, with the reference's defaults and a line of help. The dataset scripts replace
@@ -59,14 +60,22 @@ SETTINGS = {
     "save_every": (0, "also write last.pt every N iterations inside an epoch (0: epoch ends only)"),
     "amp": ("none", "mixed precision: none, bf16 or fp16 (fp16 uses a gradient scaler)"),
     "channels_last": (False, "channels-last memory format"),
-    "compile": (False, "torch.compile the network"),
+    "compile": (False, "torch.compile the network (the first iterations take minutes on a GPU; "
+                       "the result is cached for later runs)"),
+    "sgd": ("foreach", "how SGD updates the parameters, the same arithmetic: foreach (few "
+                       "kernels), fused (one kernel per group) or loop (per parameter, as the "
+                       "reference)"),
+    "deterministic": (False, "reproducible CUDA runs: deterministic cuDNN and CUDA algorithms "
+                             "(slower); the CPU always is"),
     "layers": ("3,4,23,3", "TResNet blocks per stage (smaller for quick experiments)"),
     "width_factor": (1.0, "TResNet width factor (1.0: TResNet-L-V2)"),
     "head_mid": (512, "channels of the first conv of each expert's block"),
     "head_features": (1024, "channels of each expert's feature map"),
     "head_hidden": (512, "hidden width of each classifier"),
-    "abn": ("auto", "activated batch norm: inplace (inplace_abn), pure (pure PyTorch, the same "
-                    "function) or auto (inplace on CUDA, pure on the CPU, where it is faster)"),
+    "abn": ("auto", "activated batch norm, the same function in three implementations: inplace "
+                    "(inplace_abn, least memory), pure (PyTorch, InPlaceABN's rounding), native "
+                    "(PyTorch's batch norm in the --amp dtype, fused by --compile) or auto "
+                    "(pure on the CPU; on CUDA native with --amp, inplace without)"),
     "skip_bad_images": (False, "skip unreadable images with a warning instead of stopping"),
     "max_image_pixels": (89478485, "refuse images with more pixels (decompression bombs)"),
     "fast_decode": (False, "decode large JPEGs at a reduced scale (faster loading; the images "
@@ -136,6 +145,8 @@ def _validate(parser, cfg):
     if cfg.abn == "inplace" and not inplace_abn_available():
         parser.error("--abn=inplace but inplace_abn is not installed (make setup builds it); "
                      "use --abn=auto")
+    if cfg.sgd not in SGD_IMPLS:
+        parser.error(f"--sgd must be one of {', '.join(SGD_IMPLS)}, got {cfg.sgd!r}")
     if cfg.amp not in ("none", "bf16", "fp16"):
         parser.error(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
     if cfg.num_classes is not None and cfg.num_classes < 2:
@@ -205,7 +216,7 @@ def build_model(cfg, device, weights=None):
     return build_cmal(cfg.num_classes, weights=weights or None, mid_channels=cfg.head_mid,
                       feature_channels=cfg.head_features, hidden=cfg.head_hidden,
                       layers=cfg.layers, width_factor=cfg.width_factor,
-                      pure_abn=pure_abn_for(cfg.abn, device)).to(device)
+                      abn=abn_kind_for(cfg.abn, device, amp=cfg.amp != "none")).to(device)
 
 
 def load_trained(path, device="cpu"):
@@ -239,12 +250,24 @@ def setup_device(cfg):
     """The device of this process, joining torchrun's process group when launched by it."""
     device = pick_device(cfg.device)
     if dist.launched_by_torchrun():
+        if device.type == "cuda":
+            dist.check_gpus_per_node()
         local_rank = dist.init(device.type)
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        set_cuda_determinism(cfg.deterministic)
     return device
+
+
+def set_cuda_determinism(deterministic):
+    """cuDNN autotuning for speed, or deterministic algorithms so that two runs with the same
+    seed end with the same weights (cuBLAS needs its workspace setting before its first use)."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
 
 
 def restore(path, cfg, classes, model, optimizer, scaler):
@@ -252,7 +275,7 @@ def restore(path, cfg, classes, model, optimizer, scaler):
     ck = ckpt_io.load(path)
     check_classes(ck, classes, path)
     ckpt_io.load_model_state(model, ck, path)
-    optimizer.load_state_dict(ck["optimizer"])
+    load_optimizer_state(optimizer, ck["optimizer"])
     # Settings given now win over the saved ones (the same, for a plain resume).
     set_hyperparameters(optimizer, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
     if scaler is not None and ck.get("scaler"):
@@ -313,7 +336,8 @@ def run(cfg):
     model = build_model(cfg, device, weights=None if path else cfg.weights)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay,
+                               cfg.sgd)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     state = restore(path, cfg, classes, model, optimizer, scaler) if path else \
         {k: (list(v) if isinstance(v, list) else v) for k, v in RUN_STATE.items()}
@@ -443,7 +467,7 @@ def main(defaults=None, argv=None, description=None):
     try:
         return run(cfg)
     except (DatasetError, WeightsError, ckpt_io.CheckpointError, NonFiniteLossError,
-            BadImageError, DeviceError) as exc:
+            BadImageError, DeviceError, dist.GpuCountError) as exc:
         print(f"error: {_last_line(exc)}", file=sys.stderr)
         return 2
     finally:

@@ -23,13 +23,13 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["inplace", "pure"])
+@pytest.fixture(params=["inplace", "pure", "native"])
 def abn_impl(request):
-    """Run a test once per ABN implementation; the compiled one only where it is installed."""
+    """Run a test once per ABN kind; the compiled one only where it is installed."""
     from src.models import inplace_abn_available
     if request.param == "inplace" and not inplace_abn_available():
         pytest.skip("inplace_abn is not installed (make setup builds it)")
-    return request.param == "pure"
+    return request.param
 
 
 # The smallest CMAL-Net the training tests use, with its command-line settings.
@@ -38,7 +38,7 @@ TINY_NET = {"layers": (1, 1, 1, 1), "width_factor": 0.125, "mid_channels": 16,
 TINY_ARGS = ["--layers=1,1,1,1", "--width_factor=0.125", "--head_mid=16", "--head_features=32",
              "--head_hidden=16", "--image_size=32", "--resize=36", "--crop_padding=2",
              "--batch_size=4", "--test_batch_size=3", "--workers=0", "--progress=false",
-             "--lr=0.01", "--backbone_lr=0.01"]
+             "--lr=0.01", "--backbone_lr=0.01", "--device=cpu"]
 
 
 def make_image_folder(root, classes=3, train=8, test=3, size=40, seed=0):

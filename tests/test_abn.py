@@ -96,8 +96,8 @@ def test_default_is_inplace_abn_when_installed(monkeypatch):
 @needs_inplace_abn
 def test_whole_backbone_same_with_both(monkeypatch):
     torch.manual_seed(3)
-    a = TResnetL_V2({"num_classes": 4, **SMALL, "pure_abn": False})
-    b = TResnetL_V2({"num_classes": 4, **SMALL, "pure_abn": True})
+    a = TResnetL_V2({"num_classes": 4, **SMALL, "abn": "inplace"})
+    b = TResnetL_V2({"num_classes": 4, **SMALL, "abn": "pure"})
     with torch.no_grad():  # non-trivial scales, negatives included
         for p in a.parameters():
             if p.dim() == 1:

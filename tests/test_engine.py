@@ -100,9 +100,9 @@ def ref_iteration(net, optimizer, inputs, targets, epoch, nb_epoch, base_lrs):
     return [loss1.item(), loss2.item(), loss3.item(), loss_att.item(), loss_concat.item()]
 
 
-def _tiny(num_classes=4, pure_abn=True):
+def _tiny(num_classes=4, abn="pure"):
     torch.manual_seed(0)
-    return build_cmal(num_classes, pure_abn=pure_abn, **TINY_NET)
+    return build_cmal(num_classes, abn=abn, **TINY_NET)
 
 
 def _batch(n=4, side=64, num_classes=4):

@@ -56,39 +56,81 @@ def assert_values(tensor, ref, name):
 
 @pytest.fixture(scope="module")
 def reference_threads():
-    """The golden network amplifies float32 rounding (train-mode batch statistics of two
-    samples; even a float64 run differs from the file by 2e-2 in train logits). Matching it to
-    1e-4 means rounding as the reference run did, which PyTorch's CPU kernels do with two or
-    more threads (checked with 2 and 4), not with one (conftest's default for speed)."""
+    """Two threads, as the golden file was made with (conftest's default is one, for speed)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["inplace", "pure"])
+# How far beyond its own float32 rounding an output may differ from the file. The golden network
+# amplifies rounding: the classifiers' BatchNorm1d normalises over two samples in train mode (and
+# in eval mode uses statistics of those two), so some logits are fixed by float32 arithmetic only
+# to a few percent, and how they round depends on the CPU's kernels (AVX2, AVX-512 and AMX
+# machines differ by up to 6e-2 in train logits). The size of that rounding is measured per output
+# as the gap between the same implementation in float32 and in float64; a wrong function differs
+# from the file by far more than that gap, in both precisions alike. For the well-conditioned
+# outputs (feature maps, most eval logits) the tolerance stays the file's 1e-4.
+ROUNDING_FACTOR = 5
+
+
+def _forward(abn, dtype, x, entries):
+    net = build_cmal(10, abn=abn)
+    net.load_state_dict(_golden_weights(entries), strict=True)
+    net = net.to(dtype)
+    net.train()
+    with torch.no_grad():
+        train = net(x.to(dtype))
+    atts = []
+    for i in range(3):
+        classifier = getattr(net, f"classifier{i + 1}")
+        if dtype == torch.float32:
+            atts.append(map_generate(train[4 + i], train[i], classifier[1].weight,
+                                     classifier[4].weight))
+        else:  # map_generate's formula, without its float32 cast
+            w = classifier[4].weight[train[i].argmax(1)] @ classifier[1].weight
+            atts.append(torch.einsum("bc,bchw->bhw", w, train[4 + i]))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.eval()
+    with torch.no_grad():
+        evaluated = net(x.to(dtype))
+    return train, evaluated, atts, state
+
+
+@pytest.fixture(scope="module", params=["inplace", "pure", "native"])
 def golden_run(request, reference_threads):
+    """(float32 run, float64 run, crops) of one ABN implementation; a run is
+    (train outputs, eval outputs, attention maps, state after the train forward)."""
     from src.models import inplace_abn_available
     if request.param == "inplace" and not inplace_abn_available():
         pytest.skip("inplace_abn is not installed (make setup builds it)")
     entries = load_fixture("cmal_tresnet_l_state_dict.json")["entries"]
-    net = build_cmal(10, pure_abn=request.param == "pure")
-    net.load_state_dict(_golden_weights(entries), strict=True)
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(99))
-    net.train()
-    with torch.no_grad():
-        train = net(x)
-    atts = [map_generate(train[4 + i], train[i], getattr(net, f"classifier{i + 1}")[1].weight,
-                         getattr(net, f"classifier{i + 1}")[4].weight) for i in range(3)]
+    single = _forward(request.param, torch.float32, x, entries)
+    double = _forward(request.param, torch.float64, x, entries)
+    atts = single[2]
     crops = {"attention_im_att3": attention_im(x, atts[2]),
              "attention_im_att2": attention_im(x, atts[1]),
              "attention_im_att1": attention_im(x, atts[0]),
              "highlight_im": highlight_im(x, *atts)}
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    net.eval()
-    with torch.no_grad():
-        evaluated = net(x)
-    return train, evaluated, atts, crops, state
+    return single, double, crops
+
+
+def assert_matches_file(out32, out64, ref, name):
+    """out32 against a golden list (or summary's every-997th values), within 1e-4 of its scale
+    plus ROUNDING_FACTOR times out32's own float32 rounding (its distance from out64)."""
+    values = ref["every_997th"] if isinstance(ref, dict) else ref
+    step = 997 if isinstance(ref, dict) else 1
+    if isinstance(ref, dict):
+        assert [out32.numel()] == ref["shape"], name
+    got = out32.double().flatten()[::step]
+    rounding = (got - out64.double().flatten()[::step]).abs().max().item()
+    expected = torch.tensor(values, dtype=torch.float64)
+    scale = expected.abs().max().item()
+    worst = (got - expected).abs().max().item()
+    allowed = RTOL * scale + ROUNDING_FACTOR * rounding
+    assert worst <= allowed, (f"{name}: differs from the file by {worst:.3g} (scale {scale:.3g}); "
+                              f"allowed {allowed:.3g}, float32 rounding here {rounding:.3g}")
 
 
 NAMES = ["logits1", "logits2", "logits3", "logits_concat", "map1", "map2", "map3"]
@@ -96,31 +138,36 @@ NAMES = ["logits1", "logits2", "logits3", "logits_concat", "map1", "map2", "map3
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_outputs(golden_run, mode):
-    outputs = golden_run[0] if mode == "train" else golden_run[1]
-    for name, out in zip(NAMES, outputs):
-        ref = GOLDEN[mode][name]
-        if isinstance(ref, dict):
-            assert_summary(out, ref, f"{mode}.{name}")
-        else:
-            scale = max(abs(v) for v in ref)
-            torch.testing.assert_close(out.double().flatten(), torch.tensor(ref, dtype=torch.float64),
-                                       rtol=RTOL, atol=RTOL * scale, msg=f"{mode}.{name}")
+    single, double, _ = golden_run
+    index = 0 if mode == "train" else 1
+    for name, out32, out64 in zip(NAMES, single[index], double[index]):
+        assert_matches_file(out32, out64, GOLDEN[mode][name], f"{mode}.{name}")
+
+
+def test_well_conditioned_outputs_match_to_1e4(golden_run):
+    """The eval-mode feature maps carry little amplification: there the file's 1e-4 holds as it
+    is, sums and extremes included."""
+    for name, out in zip(NAMES[4:], golden_run[0][1][4:]):
+        assert_summary(out, GOLDEN["eval"][name], f"eval.{name}")
 
 
 def test_attention_maps(golden_run):
-    for i, att in enumerate(golden_run[2], start=1):
-        assert_values(att, GOLDEN["attention_maps"][f"att_{i}"], f"att_{i}")
+    single, double, _ = golden_run
+    for i, (att32, att64) in enumerate(zip(single[2], double[2]), start=1):
+        ref = GOLDEN["attention_maps"][f"att_{i}"]
+        assert list(att32.shape) == ref["shape"]
+        assert_matches_file(att32, att64, ref["values"], f"att_{i}")
 
 
 def test_crops(golden_run):
-    for name, crop in golden_run[3].items():
+    for name, crop in golden_run[2].items():
         assert_summary(crop, GOLDEN["crops"][name], name)
 
 
 def test_running_statistics(golden_run):
-    state = golden_run[4]
+    state, state64 = golden_run[0][3], golden_run[1][3]
     for name, ref in GOLDEN["running_stats_after_train_forward"].items():
-        assert_summary(state[name], ref, name)
+        assert_matches_file(state[name], state64[name], ref, name)
     assert int(state["Features.net_layer_1.1.num_batches_tracked"]) == 1
 
 

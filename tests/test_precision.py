@@ -14,9 +14,9 @@ from tests.conftest import TINY_ARGS, TINY_NET
 LOSSES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
 
 
-def _pair(pure_abn):
+def _pair(abn):
     torch.manual_seed(0)
-    net = build_cmal(4, pure_abn=pure_abn, **TINY_NET)
+    net = build_cmal(4, abn=abn, **TINY_NET)
     return net, copy.deepcopy(net)
 
 
@@ -62,7 +62,7 @@ def test_channels_last_equals_float32(abn_impl):
 
 
 def test_compiled_step_equals_eager():
-    ref, net = _pair(True)
+    ref, net = _pair("pure")
     x, y = _batch()
     expected = [_step(ref, x, y, seed=s) for s in (1, 2)]
     compiled = compile_network(net)

@@ -9,7 +9,7 @@ from tests.conftest import SMALL, load_fixture
 
 def test_state_dict_matches_published_layout(abn_impl):
     ref = load_fixture("tresnet_l_v2_state_dict.json")
-    model = TResnetL_V2({"num_classes": 196, "pure_abn": abn_impl})
+    model = TResnetL_V2({"num_classes": 196, "abn": abn_impl})
     ours = [[k, list(v.shape)] for k, v in model.state_dict().items()]
     assert ours == ref["entries"]
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,9 +1,9 @@
 """Activated batch normalisation (ABN): batch norm with an |weight| + eps scale, then an activation.
 
-TResNet is built on `inplace_abn.InPlaceABN`, a compiled extension. When it cannot be imported,
-or when the pure implementation is asked for (argument `pure=True` or the environment variable
-CMAL_PURE_ABN=1), `PureABN` computes the same function with ordinary PyTorch operations and the
-same parameter and buffer names, so weight files load into either.
+TResNet is built on `inplace_abn.InPlaceABN`, a compiled extension. `PureABN` and `NativeABN`
+compute the same function with ordinary PyTorch operations and the same parameter and buffer
+names, so weight files load into any of the three. Which one a network gets is its `abn` kind
+(ABN_KINDS); without one, InPlaceABN where it is importable (CMAL_PURE_ABN=1 forces PureABN).
 """
 import os
 import warnings
@@ -124,55 +124,101 @@ class PureABN(nn.Module):
                 f"activation={self.activation}[{self.activation_param}]")
 
 
+class NativeABN(PureABN):
+    """The same function as PureABN through PyTorch's own batch norm (cuDNN on CUDA).
+
+    It computes in the input's dtype (bfloat16 or float16 under autocast) with float32
+    statistics and parameters, so no activation is converted around it, and it is plain
+    operations that torch.compile fuses with the neighbouring convolution. It saves its input
+    and output for the backward, as PureABN does; InPlaceABN keeps only the output.
+    """
+
+    def forward(self, x):
+        if self.training:
+            if x.numel() // x.shape[1] <= 1:
+                raise ValueError("ABN needs more than one value per channel to compute batch "
+                                 f"statistics, got input of shape {tuple(x.shape)}")
+            self.num_batches_tracked.add_(1)
+        # where(), not abs(): its gradient is +1 at 0, as InPlaceABN's, so that TResNet's
+        # zero-initialised residual scales can grow.
+        scale = torch.where(self.weight < 0, -self.weight, self.weight) + self.eps
+        y = F.batch_norm(x, self.running_mean, self.running_var, scale, self.bias, self.training,
+                         self.momentum, self.eps)
+        if self.activation == "leaky_relu":
+            y = F.leaky_relu(y, self.activation_param, inplace=True)
+        return y
+
+
 def inplace_abn_available():
     return InPlaceABN is not None
 
 
-ABN_CHOICES = ("auto", "inplace", "pure")
+# inplace: inplace_abn's kernels (least memory); pure: PyTorch operations with InPlaceABN's
+# rounding and closed-form backward (the fastest on the CPU); native: PyTorch's batch norm in
+# the autocast dtype (the fast path on CUDA with --amp, and the one torch.compile fuses).
+ABN_KINDS = ("inplace", "pure", "native")
+ABN_CHOICES = ("auto",) + ABN_KINDS
 
 
-def pure_abn_for(choice, device):
-    """The `pure` argument of ABN for an --abn setting on a device.
+def abn_kind_for(choice, device, amp=False):
+    """The ABN kind an --abn setting builds on a device.
 
-    auto: InPlaceABN on CUDA, where it saves memory; the pure ABN on the CPU, where
-    inplace_abn's backward is a single-threaded loop (bench.py: 60% of the matmul rate for a
-    training iteration of TResNet-L-V2, against 70% with the pure ABN, at similar peak memory).
+    auto: on the CPU the pure ABN (inplace_abn's CPU backward is a single-threaded loop); on
+    CUDA the native one under mixed precision (InPlaceABN computes in float32 and would convert
+    every activation up and back, see ../shared/gpu/H100_PROFILE.md) and InPlaceABN in float32,
+    where it saves memory.
     """
     if choice not in ABN_CHOICES:
-        raise ValueError(f"--abn must be one of {ABN_CHOICES}, got {choice!r}")
-    if choice == "inplace":
-        if InPlaceABN is None:
-            raise ValueError(f"--abn=inplace but inplace_abn is not importable ({_IMPORT_ERROR}); "
-                             "run `make setup`, or use --abn=auto")
-        return False
-    if choice == "pure":
-        return True
-    return True if torch.device(device).type == "cpu" else None
+        raise ValueError(f"--abn must be one of {', '.join(ABN_CHOICES)}, got {choice!r}")
+    if choice == "inplace" and InPlaceABN is None:
+        raise ValueError(f"--abn=inplace but inplace_abn is not importable ({_IMPORT_ERROR}); "
+                         "run `make setup`, or use --abn=auto")
+    if choice != "auto":
+        return choice
+    if torch.device(device).type == "cpu":
+        return "pure"
+    return "native" if amp else default_abn_kind()
 
 
-def use_pure_abn(pure=None):
-    """Decide which ABN to build: an explicit argument wins, then CMAL_PURE_ABN, then availability."""
+def default_abn_kind():
+    """InPlaceABN where it is importable, else the pure ABN (said once); CMAL_PURE_ABN=1 forces
+    the pure one."""
     global _warned
-    if pure is None:
-        pure = os.environ.get(PURE_ABN_ENV, "0").lower() not in ("", "0", "false", "no")
-    if pure:
-        return True
+    if os.environ.get(PURE_ABN_ENV, "0").lower() not in ("", "0", "false", "no"):
+        return "pure"
     if InPlaceABN is None:
         if not _warned:
             warnings.warn(f"inplace_abn is not importable ({_IMPORT_ERROR}); using the pure-PyTorch "
                           "ABN, which computes the same function with more memory. Run `make setup` "
                           "to build inplace-abn.", stacklevel=3)
             _warned = True
-        return True
-    return False
+        return "pure"
+    return "inplace"
 
 
-def ABN(num_features, activation="leaky_relu", activation_param=1e-6, pure=None):
-    """An ABN layer: InPlaceABN when available, PureABN otherwise or when `pure` asks for it."""
-    if use_pure_abn(pure):
-        return PureABN(num_features, activation=activation, activation_param=activation_param)
-    return _InPlaceABN(num_features, activation=activation, activation_param=activation_param)
+def ABN(num_features, activation="leaky_relu", activation_param=1e-6, kind=None):
+    """An ABN layer of `kind` (one of ABN_KINDS; None: default_abn_kind())."""
+    kind = kind or default_abn_kind()
+    if kind == "inplace":
+        if InPlaceABN is None:
+            raise ValueError(f"ABN kind 'inplace' but inplace_abn is not importable ({_IMPORT_ERROR})")
+        return _InPlaceABN(num_features, activation=activation, activation_param=activation_param)
+    if kind not in ABN_KINDS:
+        raise ValueError(f"ABN kind must be one of {ABN_KINDS}, got {kind!r}")
+    cls = NativeABN if kind == "native" else PureABN
+    return cls(num_features, activation=activation, activation_param=activation_param)
+
+
+def abn_kind(module):
+    """'inplace', 'pure' or 'native' for an ABN layer, None for anything else."""
+    if isinstance(module, NativeABN):
+        return "native"
+    if isinstance(module, PureABN):
+        return "pure"
+    if InPlaceABN is not None and isinstance(module, InPlaceABN):
+        return "inplace"
+    return None
 
 
 def is_abn(module):
-    return isinstance(module, PureABN) or (InPlaceABN is not None and isinstance(module, InPlaceABN))
+    return abn_kind(module) is not None

@@ -73,10 +73,10 @@ class GlobalAvgPool(nn.Module):
 
 
 def conv2d_abn(in_channels, out_channels, kernel_size, stride=1, activation="leaky_relu",
-               activation_param=1e-6, pure_abn=None):
+               activation_param=1e-6, abn=None):
     """The conv-ABN unit: keys `.0.weight` (conv, no bias) and `.1.*` (ABN)."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
                   bias=False),
-        ABN(out_channels, activation=activation, activation_param=activation_param, pure=pure_abn),
+        ABN(out_channels, activation=activation, activation_param=activation_param, kind=abn),
     )

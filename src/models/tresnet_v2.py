@@ -18,18 +18,18 @@ LEAKY = 1e-6  # the V2 network's negative slope for every leaky unit
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, use_se=True, pure_abn=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, use_se=True, abn=None):
         super().__init__()
-        self.conv1 = conv2d_abn(inplanes, planes, 1, activation_param=LEAKY, pure_abn=pure_abn)
+        self.conv1 = conv2d_abn(inplanes, planes, 1, activation_param=LEAKY, abn=abn)
         if stride == 1:
-            self.conv2 = conv2d_abn(planes, planes, 3, activation_param=LEAKY, pure_abn=pure_abn)
+            self.conv2 = conv2d_abn(planes, planes, 3, activation_param=LEAKY, abn=abn)
         else:
             self.conv2 = nn.Sequential(
-                conv2d_abn(planes, planes, 3, activation_param=LEAKY, pure_abn=pure_abn),
+                conv2d_abn(planes, planes, 3, activation_param=LEAKY, abn=abn),
                 AntiAliasDownsample(planes, stride=stride),
             )
         self.conv3 = conv2d_abn(planes, planes * self.expansion, 1, activation="identity",
-                                pure_abn=pure_abn)
+                                abn=abn)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
@@ -52,16 +52,16 @@ class TResNetV2(nn.Module):
     """
 
     def __init__(self, layers=(3, 4, 23, 3), in_chans=3, num_classes=1000, width_factor=1.0,
-                 pure_abn=None):
+                 abn=None):
         super().__init__()
         if len(layers) != 4 or min(layers) < 1:
             raise ValueError(f"TResNet needs four stages of at least one block, got layers={layers}")
-        self.pure_abn = pure_abn
+        self.abn = abn
         self.planes = int(64 * width_factor)
         if self.planes < 1:
             raise ValueError(f"width_factor={width_factor} leaves no channels")
         self.inplanes = self.planes
-        conv1 = conv2d_abn(in_chans * 16, self.planes, 3, activation_param=LEAKY, pure_abn=pure_abn)
+        conv1 = conv2d_abn(in_chans * 16, self.planes, 3, activation_param=LEAKY, abn=abn)
         layer1 = self._make_layer(self.planes, layers[0], stride=1, use_se=True)
         layer2 = self._make_layer(self.planes * 2, layers[1], stride=2, use_se=True)
         layer3 = self._make_layer(self.planes * 4, layers[2], stride=2, use_se=True)
@@ -90,11 +90,11 @@ class TResNetV2(nn.Module):
                 layers.append(nn.AvgPool2d(kernel_size=2, stride=2, ceil_mode=True,
                                            count_include_pad=False))
             layers.append(conv2d_abn(self.inplanes, planes * Bottleneck.expansion, 1,
-                                     activation="identity", pure_abn=self.pure_abn))
+                                     activation="identity", abn=self.abn))
             downsample = nn.Sequential(*layers)
-        blocks_ = [Bottleneck(self.inplanes, planes, stride, downsample, use_se, self.pure_abn)]
+        blocks_ = [Bottleneck(self.inplanes, planes, stride, downsample, use_se, self.abn)]
         self.inplanes = planes * Bottleneck.expansion
-        blocks_ += [Bottleneck(self.inplanes, planes, 1, None, use_se, self.pure_abn)
+        blocks_ += [Bottleneck(self.inplanes, planes, 1, None, use_se, self.abn)
                     for _ in range(1, blocks)]
         return nn.Sequential(*blocks_)
 
@@ -124,9 +124,10 @@ def TResnetL_V2(model_params):
     """TResNet-L-V2 from a parameter dict, as the published code calls it.
 
     Keys: `num_classes` (required); optional `layers` (default (3, 4, 23, 3)), `width_factor`
-    (1.0), `in_chans` (3) and `pure_abn` (None: InPlaceABN when importable).
+    (1.0), `in_chans` (3) and `abn` (an ABN kind: 'inplace', 'pure' or 'native'; None:
+    InPlaceABN when importable).
     """
-    known = {"num_classes", "layers", "width_factor", "in_chans", "pure_abn"}
+    known = {"num_classes", "layers", "width_factor", "in_chans", "abn"}
     unknown = set(model_params) - known
     if unknown:
         raise ValueError(f"TResnetL_V2: unknown model_params {sorted(unknown)}; known: {sorted(known)}")
@@ -136,4 +137,4 @@ def TResnetL_V2(model_params):
                      in_chans=model_params.get("in_chans", 3),
                      num_classes=model_params["num_classes"],
                      width_factor=model_params.get("width_factor", 1.0),
-                     pure_abn=model_params.get("pure_abn"))
+                     abn=model_params.get("abn"))
