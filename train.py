@@ -267,7 +267,9 @@ def set_cuda_determinism(deterministic):
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    # warn_only: an operation without a deterministic CUDA kernel is named in a warning instead
+    # of stopping the run.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def restore(path, cfg, classes, model, optimizer, scaler):

@@ -67,9 +67,12 @@ def test_compiled_step_equals_eager():
     expected = [_step(ref, x, y, seed=s) for s in (1, 2)]
     compiled = compile_network(net)
     got = [_step(compiled, x, y, seed=s) for s in (1, 2)]
+    # Compiled kernels sum in another order. The passes on the raw batch agree to 1e-3; the crop
+    # passes amplify that rounding through the boxes (0.17% seen with torch 2.11 on 16 cores).
     for e, g in zip(expected, got):
         for k in LOSSES:
-            assert g[k] == pytest.approx(e[k], rel=1e-3), k
+            rel = 1e-3 if k in ("loss3", "loss_concat") else 1e-2
+            assert g[k] == pytest.approx(e[k], rel=rel), k
 
 
 def test_cli_options_train_and_resume(image_folder, tmp_path):

@@ -43,11 +43,19 @@ class AntiAliasDownsample(nn.Module):
         self.register_buffer("filt", filt[None, None].repeat(channels, 1, 1, 1), persistent=False)
 
     def forward(self, x):
-        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        return F.conv2d(x, self.filt.to(x.dtype), stride=self.stride, groups=self.channels)
+        return F.conv2d(_reflect_pad_1(x), self.filt.to(x.dtype), stride=self.stride,
+                        groups=self.channels)
 
     def extra_repr(self):
         return f"channels={self.channels}, stride={self.stride}"
+
+
+def _reflect_pad_1(x):
+    """F.pad(x, (1, 1, 1, 1), mode="reflect") from slices: the same values, but with a
+    deterministic CUDA backward (reflection padding's uses atomics) and no float32 round trip
+    under CPU autocast (which runs reflection padding in float32)."""
+    x = torch.cat([x[:, :, 1:2], x, x[:, :, -2:-1]], 2)
+    return torch.cat([x[:, :, :, 1:2], x, x[:, :, :, -2:-1]], 3)
 
 
 class SEModule(nn.Module):
