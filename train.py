@@ -355,6 +355,9 @@ def run(cfg):
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
     if cfg.compile:
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_<user>")
+        log(f"--compile: the first iteration of each input size compiles the network (minutes "
+            f"on a GPU; the kernels are cached in {cache}, so later runs start faster)")
         net = compile_network(net)
 
     def checkpoint(epoch, stats, best=False):
