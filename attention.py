@@ -20,8 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from engine import combined_scores, pick_device
-from inference import (ToolError, batches, find_images, load_images, load_model, run_tool,
-                       tool_parser)
+from inference import (ToolError, batches, check_output, find_images, load_images, load_model,
+                       run_tool, tool_parser)
 from utils import attention_box, highlight_box, joint_map, normalised_map
 
 EXPERT_LAYERS = ("layer2", "layer3", "layer4")
@@ -178,6 +178,8 @@ def run(args):
         raise ToolError(f"cannot create --out={out_dir} ({exc.strerror}); choose another "
                         "folder") from None
     names = output_names(paths, args.images)
+    for name in names:
+        check_output(out_dir / name, [args.checkpoint, *found], args.overwrite, "--out")
     written = 0
     for target in render(model, classes, cfg, paths, names, out_dir, args.skip_bad_images):
         print(target, flush=True)

@@ -3,7 +3,8 @@
     python check_data.py DATA_PATH [--num_classes=N] [--workers=4]
 
 Checks the train/test class-folder layout, then decodes every image as training would. Prints
-each problem with the file at fault, and a summary. Exit status 1 when training would stop
+each problem with the file at fault, every entry the scan skips (links that leave their class
+folder, link loops, files reached twice, FIFOs and other non-regular files), and a summary. Exit status 1 when training would stop
 (layout problems or unreadable images), 0 otherwise.
 """
 import argparse
@@ -27,10 +28,12 @@ def _inspect(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data_path")
-    p.add_argument("--num_classes", type=int, default=None)
+    p.add_argument("--num_classes", type=int, default=None,
+                   help="expected number of classes (default: whatever the folders hold)")
     p.add_argument("--workers", type=int, default=4, help="decoding processes")
     p.add_argument("--image_size", type=int, default=368, help="report images smaller than this")
-    p.add_argument("--max_image_pixels", type=int, default=Image.MAX_IMAGE_PIXELS)
+    p.add_argument("--max_image_pixels", type=int, default=Image.MAX_IMAGE_PIXELS,
+                   help="report images with more pixels (decompression bombs), as training does")
     args = p.parse_args(argv)
 
     layout = Layout(args.data_path, args.num_classes)
@@ -38,6 +41,8 @@ def main(argv=None):
         print(f"LAYOUT  {problem}")
     for path in layout.ignored:
         print(f"IGNORED {path}: not an image file (by extension); training skips it")
+    for path, why in layout.skipped:
+        print(f"SKIPPED {path}: {why}")
     jobs = [(path, args.max_image_pixels) for split in layout.samples
             for path, _ in layout.samples[split]]
     bad, small = 0, 0
@@ -51,7 +56,8 @@ def main(argv=None):
     print(f"{args.data_path}: {len(layout.classes)} classes, "
           + ", ".join(f"{len(v)} {k} images" for k, v in layout.samples.items())
           + f"; {len(layout.problems)} layout problems, {bad} unreadable images, "
-          f"{len(layout.ignored)} ignored files, {small} images smaller than {args.image_size} px "
+          f"{len(layout.ignored)} ignored files, {len(layout.skipped)} skipped entries (links, "
+          f"duplicates, non-regular files), {small} images smaller than {args.image_size} px "
           "(upsampled by the resize, which is fine)")
     if layout.problems or bad:
         print("Fix the lines above (or train with --skip_bad_images to skip unreadable images).")

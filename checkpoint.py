@@ -4,11 +4,14 @@ Every file is written beside its final name and renamed over it, so a crash at a
 leaves either the old or the new file, never a broken one. The logs are rewritten from the
 history held in the checkpoint, so after a resume each epoch appears in them exactly once.
 """
+import fcntl
 import json
 import os
 import random
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,76 @@ JSON_LOG = "log.jsonl"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
+class OutputDirError(CheckpointError):
+    """An output folder that cannot take this run: not a folder, not writable, or in use."""
+
+
+RUN_FILES = ("last.pt", "best.pt", TRAIN_LOG, TEST_LOG, JSON_LOG)
+LOCK_NAME = ".run.lock"
+
+
+def prepare_output_dir(out_dir):
+    """Create `out_dir`, or check that an existing one is a folder this process can write into;
+    OutputDirError says which path is at fault. Cheap: runs before any data or model work."""
+    out = Path(out_dir)
+    blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is a file" if blocker == out else f"lies under {blocker}, which is a file"
+        raise OutputDirError(f"--output_dir={out} {where}, not a folder; choose another "
+                             "--output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputDirError(f"cannot write into --output_dir={out} ({exc.strerror}); choose a "
+                             "folder you can write to") from None
+    return out
+
+
+class RunLock:
+    """Ownership of an output folder by one training run at a time.
+
+    An flock on OUT/.run.lock, which the kernel releases when its process ends however it ends,
+    so a lock left by a dead run is recognised as free; the file holds the owner's process id,
+    host and start time for the message a second run prints.
+    """
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / LOCK_NAME
+        self._fd = None
+
+    def acquire(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.read(fd, 512).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputDirError(
+                f"{self.path.parent} is in use by another training run ({owner}); wait for it to "
+                "finish or stop it, or choose another --output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"process {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}").encode())
+        self._fd = fd
+        return self
+
+    def release(self):
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def clear_run_files(out_dir):
+    """Remove a previous run's checkpoints and logs (--overwrite), so that none of them can be
+    mistaken for the new run's."""
+    for name in RUN_FILES:
+        (Path(out_dir) / name).unlink(missing_ok=True)
 
 
 def _atomic_write(path, write):

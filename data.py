@@ -6,7 +6,9 @@ is thus the same whatever the number of workers or processes, and an interrupted
 resumed at any batch.
 """
 import os
+import re
 import signal
+import stat
 import warnings
 from pathlib import Path
 
@@ -63,18 +65,46 @@ def load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS, draft_size=None):
     both sides at least `draft_size` (libjpeg's DCT scaling): several times faster for large
     photos, and close to, not equal to, resizing the full decode (bench.py --loader measures).
     """
-    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own check, which runs at open()
+    with _open_image(path, max_pixels) as img:
+        try:
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()  # decode now, so that a truncated file fails here and not later
+            return _to_rgb(img)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise BadImageError(path, f"not a readable image ({exc})") from None
+
+
+def check_header(path, max_pixels=Image.MAX_IMAGE_PIXELS):
+    """Raise BadImageError unless `path` is a regular file with an image header PIL can read
+    and an allowed pixel count; nothing is decoded (milliseconds per file)."""
+    with _open_image(path, max_pixels):
+        pass
+
+
+def _open_image(path, max_pixels):
+    """Image.open of a regular file, refusing other files (a FIFO would block the reader
+    forever) and images of more than `max_pixels` pixels, from the header."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise BadImageError(path, f"cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise BadImageError(path, "not a regular file (a FIFO, device, socket or folder); only "
+                                  "image files are read")
+    # PIL checks the pixel count at open() against a process-wide limit, warning above it and
+    # failing above twice it; both are turned into one error quoting the limit that was set.
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if draft_size and img.format == "JPEG":
-                    img.draft("RGB", (draft_size, draft_size))
-                img.load()  # decode now, so that a truncated file fails here and not later
-                return _to_rgb(img)
+            return Image.open(path)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise BadImageError(path, f"too many pixels ({exc}); if the image is genuine, raise "
-                                  "--max_image_pixels") from None
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise BadImageError(path, f"{size}, more than --max_image_pixels={max_pixels:,} (a "
+                                  "guard against decompression bombs); if the image is genuine, "
+                                  "raise --max_image_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImageError(path, f"not a readable image ({exc})") from None
 
@@ -83,15 +113,66 @@ def class_folders(split_dir):
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
-def _class_files(folder):
-    """(image files, other files) below a class folder, sorted, hidden files left out."""
-    images, others = [], []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if not f.startswith("."):
-                (images if is_image_file(f) else others).append(os.path.join(dirpath, f))
-    return images, others
+def _inside(path, folder):
+    return os.path.commonpath([path, folder]) == folder
+
+
+class _ClassFiles:
+    """The files of one class folder, sorted, hidden entries left out.
+
+    Links to files are followed (prepare_data.py may link images to the download). Links to
+    folders are followed only where they stay inside the class folder (the folder itself may be
+    a link): one that leads out of it would label another folder's images with this class, and
+    is skipped. Every file and folder is taken once by its real path, which also ends link loops.
+    `images`: image files; `others`: other regular files; `skipped`: (path, why) of the rest.
+    """
+
+    def __init__(self, folder):
+        self.images, self.others, self.skipped = [], [], []
+        self._base = os.path.realpath(folder)
+        self._seen_dirs, self._seen_files = set(), {}
+        self._walk(str(folder), self._base)
+
+    def _walk(self, folder, real):
+        self._seen_dirs.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            self.skipped.append((folder, f"cannot be listed ({exc.strerror})"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            target = os.path.realpath(entry.path)
+            if entry.is_dir():
+                if entry.is_symlink() and not _inside(target, self._base):
+                    self.skipped.append((entry.path, f"a link to {target}, outside its class "
+                                                     f"folder {self._base}; it is not followed"))
+                elif target in self._seen_dirs:
+                    self.skipped.append((entry.path, f"a link back to {target}, already scanned "
+                                                     "(a link loop or a second path to it)"))
+                else:
+                    self._walk(entry.path, target)
+            else:
+                self._add_file(entry, target)
+
+    def _add_file(self, entry, target):
+        if target in self._seen_files:
+            self.skipped.append((entry.path, f"the same file as {self._seen_files[target]}, "
+                                             "counted once"))
+            return
+        self._seen_files[target] = entry.path
+        try:
+            regular = entry.is_file() and stat.S_ISREG(os.stat(entry.path).st_mode)
+        except OSError:  # a dangling link
+            regular = False
+        if not regular:
+            self.skipped.append((entry.path, "not a regular file (a FIFO, device, socket or "
+                                             "dangling link); only regular files are read"))
+        elif is_image_file(entry.name):
+            self.images.append(entry.path)
+        else:
+            self.others.append(entry.path)
 
 
 class Layout:
@@ -102,6 +183,7 @@ class Layout:
         self.classes = []
         self.samples = {split: [] for split in SPLITS}
         self.ignored = []  # files in class folders that are not images
+        self.skipped = []  # (path, why): links not followed, duplicates, non-regular files
         self.problems = []
         self._scan(num_classes)
 
@@ -139,11 +221,21 @@ class Layout:
                 f"{num_classes}; fix the data or pass --num_classes={len(self.classes)}")
         for split in SPLITS:
             empty = []
+            owner = {}  # real path of each image -> its class folder, for files linked twice
             for target, name in enumerate(self.classes):
-                images, others = _class_files(root / split / name)
-                self.samples[split] += [(f, target) for f in images]
-                self.ignored += others
-                if not images:
+                found = _ClassFiles(root / split / name)
+                self.ignored += found.others
+                self.skipped += found.skipped
+                for path in found.images:
+                    real = os.path.realpath(path)
+                    if real in owner:
+                        self.problems.append(
+                            f"{path} is the same file as {owner[real]} (linked into two class "
+                            "folders): its label is ambiguous; keep one of them")
+                        continue
+                    owner[real] = path
+                    self.samples[split].append((path, target))
+                if not found.images:
                     empty.append(name)
             if empty:
                 self.problems.append(
@@ -170,7 +262,38 @@ def check_layout(root, num_classes=None):
     if layout.ignored:
         warnings.warn(f"{len(layout.ignored)} files in {root} are not images and are ignored, "
                       f"e.g. {layout.ignored[0]} (python check_data.py {root} lists them)")
+    if layout.skipped:
+        path, why = layout.skipped[0]
+        warnings.warn(f"{len(layout.skipped)} entries of {root} are skipped, e.g. {path}: {why} "
+                      f"(python check_data.py {root} lists them)")
     return layout.classes, layout.samples
+
+
+CHECKS = ("headers", "full", "none")
+
+
+def check_images(samples, max_pixels, skip_bad=False, split="test", how="headers"):
+    """The samples whose files can be read: their headers (check_header, milliseconds each) or
+    with how="full" whole decodes; a bad one raises BadImageError naming it, or with
+    `skip_bad` is left out, with one warning for all."""
+    if how == "none":
+        return samples
+    check = check_header if how == "headers" else load_rgb
+    kept, bad = [], []
+    for path, target in samples:
+        try:
+            check(path, max_pixels)
+        except BadImageError as exc:
+            if not skip_bad:
+                raise BadImageError(f"{exc}. Found before training, while checking the {split} "
+                                    "images; remove or replace the file (python check_data.py "
+                                    "lists every bad file), or pass --skip_bad_images") from None
+            bad.append(str(exc))
+            continue
+        kept.append((path, target))
+    if bad:
+        warnings.warn(f"skipping {len(bad)} unreadable {split} images, e.g. {bad[0]}")
+    return kept
 
 
 def build_transforms(image_size=368, resize=421, crop_padding=8):
@@ -288,6 +411,26 @@ def collate_skipping(batch):
     return inputs, targets, len(batch) - len(kept)
 
 
+def shutdown_workers(*loaders):
+    """End the loader processes now, also when their epoch was left midway by an error.
+
+    A persistent DataLoader keeps its workers until its iterator is collected; they ignore
+    SIGTERM (see _ignore_interrupts), so at interpreter exit multiprocessing would wait for them
+    forever. Dropping the iterator asks them to stop; any that still run are killed.
+    """
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is None:
+            continue
+        loader._iterator = None
+        workers = list(getattr(iterator, "_workers", []))
+        iterator._shutdown_workers()
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+
+
 def _ignore_interrupts(worker_id):
     # Ctrl-C (or a SIGTERM to the process group) reaches the workers too; they must keep
     # serving batches while the main process finishes its iteration and saves
@@ -299,6 +442,10 @@ def _ignore_interrupts(worker_id):
 def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
     """Train and test loaders of cfg.data_path, checked first; also returns the class names."""
     classes, samples = check_layout(cfg.data_path, cfg.num_classes)
+    # Before training, so that an unreadable file stops the run in its first seconds and not at
+    # its batch, or for the test split after a whole epoch.
+    samples = {split: check_images(samples[split], cfg.max_image_pixels, cfg.skip_bad_images,
+                                   split, cfg.check_images) for split in SPLITS}
     if cfg.batch_size % world_size or cfg.batch_size // world_size < 2:
         raise DatasetError(f"batch_size={cfg.batch_size} must split into at least two samples "
                            f"for each of the {world_size} processes")

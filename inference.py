@@ -50,7 +50,25 @@ def tool_parser(description):
                                                     "available)")
     p.add_argument("--skip_bad_images", action="store_true",
                    help="skip unreadable images with a warning instead of stopping")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that already exist (never the checkpoint or an "
+                        "input image)")
     return p
+
+
+def check_output(path, inputs, overwrite, option):
+    """Refuse to write `path` over one of the tool's `inputs` (always) or over any existing file
+    (unless `overwrite`); `option` names the setting at fault."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for source in inputs:
+        if Path(source).exists() and os.path.samefile(path, source):
+            raise ToolError(f"{path} (from {option}) is {source}, one of this command's "
+                            f"inputs; choose another {option}")
+    if not overwrite:
+        raise ToolError(f"{path} (from {option}) already exists; choose another {option}, or "
+                        "pass --overwrite to replace it")
 
 
 def load_model(path, device):
@@ -70,6 +88,9 @@ def find_images(target):
         raise ToolError(f"{target} does not exist; pass an image file or a folder of images")
     if target.is_file():
         return [target]
+    if not target.is_dir():
+        raise ToolError(f"{target} is not a regular file (a FIFO, device or socket) nor a "
+                        "folder; pass an image file or a folder of images")
     found = sorted(p for p in target.rglob("*")
                    if p.is_file() and is_image_file(p.name)
                    and not any(part.startswith(".") for part in p.relative_to(target).parts))

@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from checkpoint import JSON_LOG as LOG_NAME
-from inference import ToolError, run_tool
+from checkpoint import RUN_FILES
+from inference import ToolError, check_output, run_tool
 
 TRAIN_LOSSES = ("train_loss", "loss1", "loss2", "loss3", "loss_att", "loss_concat")
 TEST_ACCURACIES = (("acc_concat", "test concat"), ("acc_com2", "test com2"),
@@ -33,6 +34,8 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="a run's output_dir (holding log.jsonl) or the log.jsonl itself")
     p.add_argument("--out", default="curves.png", help="PNG file to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists (never the run's own files)")
     return p.parse_args(argv)
 
 
@@ -128,8 +131,10 @@ def draw(records, title):
 def run(args):
     path, records = read_log(args.run)
     title = f"{path.parent} - {len(records)} epochs"
-    fig = draw(records, title)
     out = Path(args.out)
+    check_output(out, [path, *(path.parent / name for name in RUN_FILES)], args.overwrite,
+                 "--out")
+    fig = draw(records, title)
     try:
         if out.parent != Path(""):
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,8 @@ import sys
 import torch
 
 from engine import combined_scores, pick_device
-from inference import (ToolError, batches, find_images, load_images, load_model, run_tool,
-                       tool_parser)
+from inference import (ToolError, batches, check_output, find_images, load_images, load_model,
+                       run_tool, tool_parser)
 
 
 def parse_args(argv):
@@ -53,6 +53,8 @@ def predict(model, cfg, paths, batch_size, topk, skip_bad=False):
 def run(args):
     device = pick_device(args.device)
     paths = find_images(args.images)
+    if args.csv:
+        check_output(args.csv, [args.checkpoint, *paths], args.overwrite, "--csv")
     model, classes, cfg = load_model(args.checkpoint, device)
     topk = min(args.topk, len(classes))
     out = None

@@ -20,7 +20,8 @@ import torch.nn as nn
 
 import checkpoint as ckpt_io
 import distributed as dist
-from data import BadImageError, DatasetError, build_loaders, mix_seed
+from data import (CHECKS, BadImageError, DatasetError, build_loaders, mix_seed,
+                  shutdown_workers)
 from engine import (SGD_IMPLS, DeviceError, NonFiniteLossError, compile_network, evaluate,
                     load_optimizer_state, make_optimizer, new_epoch_stats, pick_device,
                     reduce_stats, set_hyperparameters, summarise_train, train_one_epoch,
@@ -78,6 +79,8 @@ SETTINGS = {
                     "(pure on the CPU; on CUDA native with --amp, inplace without)"),
     "skip_bad_images": (False, "skip unreadable images with a warning instead of stopping"),
     "max_image_pixels": (89478485, "refuse images with more pixels (decompression bombs)"),
+    "check_images": ("headers", "before training, read every image's header (headers: seconds "
+                                "for a dataset), decode every image (full) or neither (none)"),
     "fast_decode": (False, "decode large JPEGs at a reduced scale (faster loading; the images "
                            "differ slightly from the reference transform's, see README)"),
     "progress": (True, "show progress bars"),
@@ -145,6 +148,14 @@ def _validate(parser, cfg):
     if cfg.abn == "inplace" and not inplace_abn_available():
         parser.error("--abn=inplace but inplace_abn is not installed (make setup builds it); "
                      "use --abn=auto")
+    if cfg.check_images not in CHECKS:
+        parser.error(f"--check_images must be one of {', '.join(CHECKS)}, got "
+                     f"{cfg.check_images!r}")
+    if cfg.max_image_pixels < 1:
+        parser.error(f"--max_image_pixels must be positive, got {cfg.max_image_pixels}")
+    for name in ("lr", "backbone_lr", "momentum", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            parser.error(f"--{name} cannot be negative, got {getattr(cfg, name)}")
     if cfg.sgd not in SGD_IMPLS:
         parser.error(f"--sgd must be one of {', '.join(SGD_IMPLS)}, got {cfg.sgd!r}")
     if cfg.amp not in ("none", "bf16", "fp16"):
@@ -315,10 +326,46 @@ RUN_STATE = {"epoch": 0, "stats": None, "best_acc": 0.0, "best_epoch": None, "hi
 
 
 def run(cfg):
+    """Train (or with --test_only evaluate) as `cfg` says; return the exit status.
+
+    The output folder is checked and locked first, then the data scanned: a run that cannot
+    save stops before any expensive work. Loader processes end with the run, however it ends.
+    """
     device = setup_device(cfg)
-    torch.manual_seed(cfg.seed)
-    train_loader, test_loader, classes = build_loaders(cfg, dist.rank(), dist.world_size(),
-                                                       pin_memory=device.type == "cuda")
+    lock = None
+    if not cfg.test_only and dist.is_main():
+        lock = ckpt_io.RunLock(ckpt_io.prepare_output_dir(cfg.output_dir)).acquire()
+    try:
+        path = None if cfg.test_only else resume_path(cfg)
+        if not cfg.test_only:
+            check_previous_run(cfg, path)
+        torch.manual_seed(cfg.seed)
+        train_loader, test_loader, classes = build_loaders(cfg, dist.rank(), dist.world_size(),
+                                                           pin_memory=device.type == "cuda")
+        try:
+            return _run(cfg, device, path, train_loader, test_loader, classes)
+        finally:
+            shutdown_workers(train_loader, test_loader)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_previous_run(cfg, path):
+    """Refuse to start over a previous run unless --overwrite, which then removes its files."""
+    out_dir = Path(cfg.output_dir)
+    if path or not (out_dir / "last.pt").exists():
+        return
+    if not cfg.overwrite:
+        raise ckpt_io.CheckpointError(
+            f"{out_dir} already holds a run (last.pt): continue it with --resume, or start a new "
+            "one with --overwrite or another --output_dir")
+    if dist.is_main():
+        ckpt_io.clear_run_files(out_dir)
+    dist.barrier()
+
+
+def _run(cfg, device, path, train_loader, test_loader, classes):
     cfg.num_classes = cfg.num_classes or len(classes)
     out_dir = Path(cfg.output_dir)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
@@ -326,11 +373,6 @@ def run(cfg):
     if cfg.test_only:
         return test_only(cfg, device, test_loader, criterion, amp_dtype)
 
-    path = resume_path(cfg)
-    if not path and (out_dir / "last.pt").exists() and not cfg.overwrite:
-        raise ckpt_io.CheckpointError(
-            f"{out_dir} already holds a run (last.pt): continue it with --resume, or start a new "
-            "one with --overwrite or another --output_dir")
     if not path and cfg.weights:
         if dist.is_main():  # one download, not one per process
             resolve_weights(cfg.weights)
@@ -475,6 +517,10 @@ def main(defaults=None, argv=None, description=None):
             BadImageError, DeviceError, dist.GpuCountError) as exc:
         print(f"error: {_last_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM (StopRequest), or one before it
+        print(f"\nstopped at once; {Path(cfg.output_dir) / 'last.pt'} holds the last saved "
+              "state, if any: continue with --resume", file=sys.stderr)
+        return 130
     finally:
         dist.shutdown()
 

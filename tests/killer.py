@@ -4,7 +4,8 @@
 
 KIND: step (SIGKILL after this process's N-th training iteration), sigterm (SIGTERM after the
 N-th iteration), write (SIGKILL halfway through writing the N-th checkpoint file), eval
-(SIGKILL inside the N-th evaluation batch), evalterm (SIGTERM inside it), none.
+(SIGKILL inside the N-th evaluation batch), evalterm (SIGTERM inside it), doubleint (two
+SIGINTs to the process group after the N-th iteration, as a user pressing Ctrl-C twice), none.
 """
 import os
 import signal
@@ -34,6 +35,18 @@ if kind in ("step", "sigterm"):
     def train_step(*args, **kwargs):
         result = original_step(*args, **kwargs)
         tick(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
+        return result
+    engine.train_step = train_step
+elif kind == "doubleint":
+    original_step = engine.train_step
+
+    def train_step(*args, **kwargs):
+        global count
+        result = original_step(*args, **kwargs)
+        count += 1
+        if count == target:
+            os.killpg(os.getpgrp(), signal.SIGINT)
+            os.killpg(os.getpgrp(), signal.SIGINT)
         return result
     engine.train_step = train_step
 elif kind == "write":

@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 from src.models import TResnetL_V2, WeightsError, load_tresnet_weights
-from src.models.weights import download
+from src.models.weights import cache_name, download
 from tests.conftest import SMALL
 
 
@@ -180,4 +180,4 @@ def test_download_once_into_cache(tmp_path, monkeypatch):
     finally:
         httpd.shutdown()
     assert hits == ["/tresnet.pth"]
-    assert (tmp_path / "cache" / "tresnet.pth").is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache_name(url)]

@@ -1,8 +1,10 @@
 """Reading published TResNet-L-V2 weight files safely, and fetching them once into a cache."""
+import hashlib
 import http.client
 import os
 import pickle
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -34,14 +36,30 @@ def _is_url(source):
     return str(source).startswith(("http://", "https://"))
 
 
-def download(url, dest_dir=None, timeout=30.0, progress=True):
+# The whole transfer's limit: the published files are 180-400 MB, minutes on a slow link.
+DOWNLOAD_DEADLINE = 3600.0
+
+
+class _DeadlineExceeded(TimeoutError):
+    pass
+
+
+def cache_name(url):
+    """The cache entry of a URL: its file name, prefixed by a hash of the whole URL, so that two
+    URLs that end in the same name never share an entry."""
+    name = Path(urllib.request.urlparse(url).path).name or "weights.pth"
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+
+
+def download(url, dest_dir=None, timeout=30.0, progress=True, deadline=DOWNLOAD_DEADLINE):
     """Download `url` into the cache once and return the local path.
 
-    The file is written under a temporary name and renamed when complete, so an interrupted
-    download never leaves a truncated file where a complete one is expected.
+    `timeout` bounds each network read and `deadline` the whole transfer (seconds). The file is
+    written under a temporary name and renamed only when complete, so an interrupted or too slow
+    download never becomes a cache entry.
     """
     dest_dir = Path(dest_dir) if dest_dir is not None else cache_dir()
-    dest = dest_dir / Path(urllib.request.urlparse(url).path).name
+    dest = dest_dir / cache_name(url)
     if dest.is_file():
         return dest
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +71,8 @@ def download(url, dest_dir=None, timeout=30.0, progress=True):
             fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=dest.name, suffix=".part")
             try:
                 with os.fdopen(fd, "wb") as f:
-                    written = _copy_with_progress(response, f, total, dest.name, progress)
+                    written = _copy_with_progress(response, f, total, dest.name, progress,
+                                                  time.monotonic() + deadline)
                 if total is not None and written != total:
                     raise WeightsError(f"could not download {url}: the connection ended after "
                                        f"{written} of {total} bytes; try again. {hint}")
@@ -61,21 +80,31 @@ def download(url, dest_dir=None, timeout=30.0, progress=True):
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+    except _DeadlineExceeded as exc:
+        raise WeightsError(f"could not download {url}: {exc}. {hint}") from None
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise WeightsError(f"could not download {url}: {reason}. {hint}") from None
     return dest
 
 
-def _copy_with_progress(src, dst, total, name, progress):
+def _copy_with_progress(src, dst, total, name, progress, deadline):
     from tqdm import tqdm
+    start = time.monotonic()
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}",
               disable=not progress) as bar:
         written = 0
-        while chunk := src.read(1 << 20):
+        # read1: what has arrived (up to 1 MiB), so that a server trickling bytes cannot hold
+        # one read past the deadline.
+        while chunk := src.read1(1 << 20):
             dst.write(chunk)
             written += len(chunk)
             bar.update(len(chunk))
+            if time.monotonic() > deadline:
+                raise _DeadlineExceeded(
+                    f"{written} bytes{f' of {total}' if total else ''} arrived in "
+                    f"{time.monotonic() - start:.0f} s, past the download deadline of "
+                    f"{deadline - start:.0f} s")
     return written
 
 
@@ -84,10 +113,13 @@ def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weight file {path} does not exist; check the path (or pass a URL)")
+    if not _looks_like_torch_file(path):
+        raise WeightsError(f"{path} is not a PyTorch file (neither the zip archive torch.save "
+                           "writes nor a pickle); pass a .pt/.pth file written by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
+        if "GLOBAL" in str(exc):  # the safe unpickler met a class or function it will not run
             raise WeightsError(
                 f"{path} holds Python objects other than tensors and plain containers; it is refused "
                 "because unpickling it could run arbitrary code. Re-save its state_dict with "
@@ -97,6 +129,14 @@ def read_checkpoint(path):
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise WeightsError(f"{path} is not a readable PyTorch file ({exc}); it may be truncated or "
                            "corrupt: download or copy it again") from None
+
+
+def _looks_like_torch_file(path):
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # The start of torch.save's zip archive (a truncated one too), or of a legacy pickle
+    # (protocol 2 or later)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def extract_state_dict(obj, source="<weights>"):

@@ -1,0 +1,309 @@
+"""Failures end the run promptly and clearly, data links cannot mislabel, and no run or tool
+writes over what it does not own. Every subprocess here has a timeout, so that a regression to
+a hang fails the test instead of stalling the suite."""
+import http.server
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import check_data
+import checkpoint as ckpt_io
+import plot_curves
+import predict
+import train
+from data import Layout, check_layout
+from src.models import WeightsError
+from src.models.weights import cache_name, download
+from tests.conftest import TINY_ARGS, make_image_folder
+from tests.test_interruptions import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = 60  # seconds: every failure below must end the process well within this
+
+
+def _empty_one(root, split="train"):
+    bad = root / split / "class_1" / "0.jpg"
+    bad.write_bytes(b"")
+    return bad
+
+
+def _train(data, out, *extra):
+    return train.main({"data_path": str(data), "num_classes": 3, "output_dir": str(out)},
+                      TINY_ARGS + list(extra))
+
+
+# --- failures end the process, loader workers included ----------------------------------------
+
+@pytest.mark.parametrize("check", ["none", "headers"])
+def test_bad_image_with_workers_exits_within_seconds(tmp_path, check):
+    data = make_image_folder(tmp_path / "data")
+    bad = _empty_one(data)
+    started = time.time()
+    proc = launch(data, tmp_path / "out", "none", 0, "--workers=2", f"--check_images={check}",
+                  wait=False)
+    _, stderr = proc.communicate(timeout=QUICK)
+    assert proc.returncode == 2, stderr
+    assert f"error: {bad}: not a readable image" in stderr
+    assert "Traceback" not in stderr
+    assert time.time() - started < QUICK
+
+
+def test_two_ctrl_c_with_workers_stop_at_once(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    proc = launch(data, tmp_path / "out", "doubleint", 2, "--workers=2", "--epochs=50",
+                  wait=False)
+    stdout, stderr = proc.communicate(timeout=QUICK)
+    assert proc.returncode == 130, stderr
+    assert "stopped at once" in stderr and "Traceback" not in stderr
+    # The workers went with it: nothing of the run's process group is left.
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+
+
+def test_fifo_is_skipped_not_opened(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    fifo = data / "train" / "class_0" / "stuck.jpg"
+    os.mkfifo(fifo)
+    layout = Layout(data)
+    assert str(fifo) not in [p for p, _ in layout.samples["train"]]
+    assert any(p == str(fifo) and "not a regular file" in why for p, why in layout.skipped)
+    assert check_data.main([str(data), "--workers=1", "--image_size=32"]) == 0
+    assert f"SKIPPED {fifo}: not a regular file" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="1 entries .* skipped"):
+        assert _train(data, tmp_path / "out", "--epochs=1") == 0
+
+
+def test_predict_refuses_a_fifo(tmp_path, trained, capsys):
+    fifo = tmp_path / "stuck.jpg"
+    os.mkfifo(fifo)
+    assert predict.main([str(trained / "last.pt"), str(fifo), "--device=cpu"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+
+
+# --- directory links --------------------------------------------------------------------------
+
+def test_links_never_mislabel_or_count_twice(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    class_0 = data / "train" / "class_0"
+    (class_0 / "loop").symlink_to("..")  # back to train/: all classes again
+    (class_0 / "other").symlink_to(data / "train" / "class_1")  # another class's folder
+    (class_0 / "self").symlink_to(".")  # a loop inside the class
+    inner = class_0 / "sub"
+    inner.mkdir()
+    (inner / "x.jpg").write_bytes((class_0 / "0.jpg").read_bytes())
+    (class_0 / "zz_again").symlink_to("sub")  # a second path to a folder inside the class
+    layout = Layout(data)
+    train_samples = layout.samples["train"]
+    assert len(train_samples) == 25  # 8 per class, and sub/x.jpg once
+    labels = {Path(p).relative_to(data / "train").parts[0] for p, t in train_samples if t == 0}
+    assert labels == {"class_0"}
+    reasons = {Path(p).name: why for p, why in layout.skipped}
+    assert "outside its class folder" in reasons["loop"]
+    assert "outside its class folder" in reasons["other"]
+    assert "already scanned" in reasons["self"] and "already scanned" in reasons["zz_again"]
+    assert check_data.main([str(data), "--workers=1", "--image_size=32"]) == 0
+    out = capsys.readouterr().out
+    assert f"SKIPPED {class_0 / 'loop'}: a link to {data / 'train'}, outside" in out
+
+
+def test_a_linked_class_folder_is_followed(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere"
+    (data / "train" / "class_2").rename(elsewhere)
+    (data / "train" / "class_2").symlink_to(elsewhere)
+    classes, samples = check_layout(data)
+    assert len([t for _, t in samples["train"]]) == 24 and classes[2] == "class_2"
+
+
+def test_a_file_linked_into_two_classes_is_refused(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    (data / "train" / "class_0" / "twin.jpg").symlink_to(data / "train" / "class_1" / "0.jpg")
+    layout = Layout(data)
+    assert any("linked into two class folders" in p for p in layout.problems)
+
+
+# --- one run per output folder; checks before expensive work ----------------------------------
+
+def test_second_run_into_a_busy_folder_is_refused(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    first = launch(data, out, "none", 0, "--epochs=500", wait=False)
+    try:
+        lock = out / ckpt_io.LOCK_NAME
+        deadline = time.time() + QUICK
+        while time.time() < deadline and first.poll() is None and not (
+                lock.exists() and lock.read_text()):
+            time.sleep(0.05)
+        second = launch(data, out, "none", 0, "--overwrite", wait=False)
+        _, stderr = second.communicate(timeout=QUICK)
+        assert second.returncode == 2
+        assert f"in use by another training run (process {first.pid} on" in stderr
+    finally:
+        first.kill()
+        first.communicate(timeout=QUICK)
+    # The first run died without releasing anything: its lock is recognised as stale.
+    assert launch(data, out, "none", 0, "--epochs=1", "--overwrite").returncode == 0
+
+
+def test_lock_is_released_and_reacquired_in_one_process(tmp_path):
+    lock = ckpt_io.RunLock(tmp_path).acquire()
+    with pytest.raises(ckpt_io.OutputDirError, match=f"process {os.getpid()}"):
+        ckpt_io.RunLock(tmp_path).acquire()
+    lock.release()
+    ckpt_io.RunLock(tmp_path).acquire().release()
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "unwritable"])
+def test_bad_output_dir_stops_before_the_data_scan(tmp_path, capsys, monkeypatch, where):
+    (tmp_path / "f").write_text("x")
+    out = {"file": tmp_path / "f", "under_file": tmp_path / "f" / "run",
+           "unwritable": Path("/proc/cmal-test-run")}[where]
+    scanned = []
+    monkeypatch.setattr(train, "build_loaders", lambda *a, **k: scanned.append(1))
+    # An unreachable weight URL: were it fetched first, the error would name it instead.
+    assert _train(tmp_path / "no-data", out, "--weights=http://127.0.0.1:9/w.pth") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--output_dir" in err and str(out) in err
+    assert len(err.strip().splitlines()) == 1 and not scanned
+
+
+def test_negative_settings_are_refused(capsys):
+    for bad in ("--lr=-0.1", "--backbone_lr=-1", "--max_image_pixels=-5", "--weight_decay=-1"):
+        with pytest.raises(SystemExit) as exc:
+            train.parse_settings({"data_path": "x"}, [bad])
+        assert exc.value.code == 2
+        assert bad.split("=")[0] in capsys.readouterr().err
+
+
+def test_overwrite_removes_the_old_runs_files_first(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    assert _train(data, out, "--epochs=1") == 0
+    assert (out / "best.pt").exists()
+    # A new run that dies in its first iteration must not leave the old best.pt behind.
+    proc = launch(data, out, "step", 1, "--overwrite", "--save_every=0")
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+    assert (out / ckpt_io.JSON_LOG).read_text() == ""  # the new run's, still empty
+
+
+def test_bad_test_image_stops_before_training(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    bad = _empty_one(data, "test")
+    started = time.time()
+    assert _train(data, tmp_path / "out", "--epochs=3") == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not a readable image" in err and "checking the test images" in err
+    assert not (tmp_path / "out" / "last.pt").exists()
+    assert time.time() - started < QUICK
+    with pytest.warns(UserWarning, match="skipping 1 unreadable test images"):
+        assert _train(data, tmp_path / "skip", "--epochs=1", "--skip_bad_images") == 0
+    last = ckpt_io.load(tmp_path / "skip" / "last.pt")["history"][-1]
+    assert last["test"]["samples"] == 8
+
+
+# --- tools never write over their inputs or existing files ------------------------------------
+
+@pytest.fixture
+def trained(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs=1") == 0
+    return out
+
+
+def test_predict_csv_never_overwrites_silently(trained, capsys):
+    image = str(trained.parent / "data" / "test" / "class_0" / "0.jpg")
+    checkpoint = trained / "last.pt"
+    before = checkpoint.read_bytes()
+    for target, flags in ((checkpoint, []), (checkpoint, ["--overwrite"]), (image, ["--overwrite"])):
+        assert predict.main([str(checkpoint), image, f"--csv={target}", "--device=cpu",
+                             *flags]) == 2
+        assert "one of this command's inputs" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
+    existing = trained / "mine.csv"
+    existing.write_text("keep me")
+    assert predict.main([str(checkpoint), image, f"--csv={existing}", "--device=cpu"]) == 2
+    assert "already exists" in capsys.readouterr().err and existing.read_text() == "keep me"
+    assert predict.main([str(checkpoint), image, f"--csv={existing}", "--device=cpu",
+                         "--overwrite"]) == 0
+    assert existing.read_text().startswith("path,rank,class,score")
+
+
+def test_plot_curves_never_overwrites_silently(trained, capsys):
+    log = trained / ckpt_io.JSON_LOG
+    assert plot_curves.main([str(trained), f"--out={log}", "--overwrite"]) == 2
+    assert "one of this command's inputs" in capsys.readouterr().err
+    png = trained / "curves.png"
+    png.write_text("keep me")
+    assert plot_curves.main([str(trained), f"--out={png}"]) == 2
+    assert png.read_text() == "keep me"
+    assert plot_curves.main([str(trained), f"--out={png}", "--overwrite"]) == 0
+
+
+def test_attention_never_writes_over_an_input_image(tmp_path, trained, capsys):
+    import attention
+    from PIL import Image
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "a.png")
+    # Its picture would be pictures/a.png: the input itself.
+    args = [str(trained / "last.pt"), str(folder / "a.png"), f"--out={folder}", "--device=cpu"]
+    assert attention.main(args + ["--overwrite"]) == 2
+    assert "one of this command's inputs" in capsys.readouterr().err
+
+
+# --- downloads --------------------------------------------------------------------------------
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """Sends a large Content-Length, then one byte every 0.2 s."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000000")
+        self.end_headers()
+        try:
+            for _ in range(200):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_has_a_deadline_for_the_whole_transfer(tmp_path):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/tresnet.pth"
+    started = time.time()
+    try:
+        with pytest.raises(WeightsError, match=r"past the download deadline of 2 s"):
+            download(url, dest_dir=tmp_path, timeout=5.0, progress=False, deadline=2.0)
+    finally:
+        httpd.shutdown()
+    assert time.time() - started < 10
+    assert list(tmp_path.iterdir()) == []  # no cache entry, no partial file
+
+
+def test_cache_key_tells_urls_with_the_same_file_name_apart():
+    a = cache_name("https://one.example/models/tresnet.pth")
+    b = cache_name("https://two.example/other/tresnet.pth")
+    assert a != b and a.endswith("-tresnet.pth") and b.endswith("-tresnet.pth")
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+def test_random_bytes_are_not_called_code(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(4096))
+    assert _train(data, tmp_path / "out", f"--resume={junk}") == 2
+    err = capsys.readouterr().err
+    assert "is not a PyTorch file" in err and "arbitrary code" not in err
