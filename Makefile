@@ -1,5 +1,5 @@
 # make setup: .venv with requirements.txt and inplace-abn (once; later runs do nothing)
-# make test:  the test suite on the CPU
+# make test:  the test suite (the CUDA tests run where a GPU is visible)
 # make demo:  train a small CMAL-Net on a generated fine-grained dataset, on the CPU
 # make bench: throughput and memory of one training iteration and of evaluation
 VENV ?= .venv

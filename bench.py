@@ -99,6 +99,22 @@ def _count_flops(fn):
     return counter.get_total_flops()
 
 
+def _count_ops(fn):
+    """ATen operations one call runs: on CUDA about one kernel launch each, which is what
+    bounds a step of small kernels (../shared/gpu/H100_PROFILE.md)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn()
+    return Count.n
+
+
 def measure(args):
     device = pick_device(args.device)
     if args.threads:
@@ -134,6 +150,7 @@ def measure(args):
     for _ in range(args.warmup):
         once()
     flops = _count_flops(once) if not args.compile else None
+    ops = _count_ops(once) if not args.compile else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
@@ -144,6 +161,8 @@ def measure(args):
     seconds = (time.perf_counter() - t0) / args.iters
     result = {"images_per_s": args.batch / seconds, "seconds_per_batch": seconds,
               "peak_mb": _peak_mb(device)}
+    if ops:
+        result["ops"] = ops
     if flops:
         result["gflop_per_image"] = flops / args.batch / 1e9
         result["gflops"] = flops / seconds / 1e9
@@ -184,9 +203,9 @@ def compare(args, argv):
     common = [a for a in argv if not a.startswith(_COMPARED_OPTIONS)]
     if not inplace_abn_available():
         print("note: inplace_abn is not installed; the rows that name InPlaceABN use the pure ABN")
-    print("| configuration | train_step img/s | vs reference | peak memory | evaluate img/s | "
-          "vs reference |")
-    print("|---|---|---|---|---|---|")
+    print("| configuration | train_step img/s | vs reference | peak memory | ATen ops per "
+          "iteration | evaluate img/s | vs reference |")
+    print("|---|---|---|---|---|---|---|")
     rows = [int(i) for i in args.rows.split(",")] if args.rows else range(len(COMPARED))
     base = None
     for label, options in (COMPARED[i] for i in rows):
@@ -195,11 +214,12 @@ def compare(args, argv):
         try:
             train, evaluation = (_child(common + options, mode) for mode in ("train", "eval"))
         except RuntimeError as exc:
-            print(f"| {label} | failed: {str(exc).strip().splitlines()[-1][:120]} | | | | |")
+            print(f"| {label} | failed: {str(exc).strip().splitlines()[-1][:120]} | | | | | |")
             continue
         base = base or (train["images_per_s"], evaluation["images_per_s"])
+        ops = f"{train['ops']:,}" if "ops" in train else "compiled"
         print(f"| {label} | {train['images_per_s']:.2f} | {train['images_per_s'] / base[0]:.2f}x "
-              f"| {train['peak_mb'] / 1024:.2f} GiB | {evaluation['images_per_s']:.2f} | "
+              f"| {train['peak_mb'] / 1024:.2f} GiB | {ops} | {evaluation['images_per_s']:.2f} | "
               f"{evaluation['images_per_s'] / base[1]:.2f}x |", flush=True)
     return 0
 

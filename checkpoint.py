@@ -39,13 +39,15 @@ LOCK_NAME = ".run.lock"
 
 def prepare_output_dir(out_dir):
     """Create `out_dir`, or check that an existing one is a folder this process can write into;
-    OutputDirError says which path is at fault. Cheap: runs before any data or model work."""
+    OutputDirError says which path is at fault. Cheap: runs before any data or model work.
+    Returns whether the folder was created."""
     out = Path(out_dir)
     blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         where = "is a file" if blocker == out else f"lies under {blocker}, which is a file"
         raise OutputDirError(f"--output_dir={out} {where}, not a folder; choose another "
                              "--output_dir")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.", suffix=".tmp")
@@ -54,7 +56,7 @@ def prepare_output_dir(out_dir):
     except OSError as exc:
         raise OutputDirError(f"cannot write into --output_dir={out} ({exc.strerror}); choose a "
                              "folder you can write to") from None
-    return out
+    return created
 
 
 class RunLock:
@@ -62,23 +64,38 @@ class RunLock:
 
     An flock on OUT/.run.lock, which the kernel releases when its process ends however it ends,
     so a lock left by a dead run is recognised as free; the file holds the owner's process id,
-    host and start time for the message a second run prints.
+    host and start time for the message a second run prints. `acquire` first prepares the
+    folder (prepare_output_dir); `release` removes the lock file, and the folder too when this
+    run created it and left nothing in it, so that a run that failed early leaves no trace.
     """
 
     def __init__(self, out_dir):
-        self.path = Path(out_dir) / LOCK_NAME
+        self.folder = Path(out_dir)
+        self.path = self.folder / LOCK_NAME
         self._fd = None
+        self._created = False
 
     def acquire(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            owner = os.read(fd, 512).decode(errors="replace").strip() or "unknown"
+        self._created = prepare_output_dir(self.folder)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 512).decode(errors="replace").strip() or "starting"
+                os.close(fd)
+                raise OutputDirError(
+                    f"{self.folder} is in use by another training run ({owner}); wait for it to "
+                    "finish or stop it, or choose another --output_dir") from None
+            # The previous owner may have removed the file between our open and our lock: then
+            # this lock is on a file nobody else sees, and the path must be opened again.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise OutputDirError(
-                f"{self.path.parent} is in use by another training run ({owner}); wait for it to "
-                "finish or stop it, or choose another --output_dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, (f"process {os.getpid()} on {socket.gethostname()}, started "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}").encode())
@@ -86,10 +103,13 @@ class RunLock:
         return self
 
     def release(self):
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # before unlocking: see acquire
+        os.close(self._fd)  # closing releases the flock
+        self._fd = None
+        if self._created and not any(self.folder.iterdir()):
+            self.folder.rmdir()
 
 
 def clear_run_files(out_dir):

@@ -334,7 +334,7 @@ def run(cfg):
     device = setup_device(cfg)
     lock = None
     if not cfg.test_only and dist.is_main():
-        lock = ckpt_io.RunLock(ckpt_io.prepare_output_dir(cfg.output_dir)).acquire()
+        lock = ckpt_io.RunLock(cfg.output_dir).acquire()
     try:
         path = None if cfg.test_only else resume_path(cfg)
         if not cfg.test_only:

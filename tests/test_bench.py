@@ -41,6 +41,9 @@ def test_compare_prints_a_table_against_the_reference_set_up():
                                                  "| bf16, native ABN, foreach SGD"], out
     number = r"[\d.]+"
     for row in rows:
-        assert re.fullmatch(rf"\| .+ \| {number} \| {number}x \| {number} GiB \| {number} \| "
-                            rf"{number}x \|", row), row
+        assert re.fullmatch(rf"\| .+ \| {number} \| {number}x \| {number} GiB \| [\d,]+ \| "
+                            rf"{number} \| {number}x \|", row), row
+    ops = [int(row.split(" | ")[4].replace(",", "")) for row in rows]
+    # foreach SGD zeroes and updates each of the 8 groups' parameters in a few operations
+    assert ops[1] < ops[0]
     assert " | 1.00x | " in rows[0] and rows[0].endswith(" 1.00x |")
