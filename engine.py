@@ -114,9 +114,10 @@ def set_learning_rates(optimizer, epoch, nb_epoch):
 def attention_maps(net, outputs):
     """a1, a2, a3: each expert's class activation map, from a forward's logits and maps."""
     net = unwrap(net)
-    return [map_generate(outputs[4 + i].detach(), outputs[i].detach(), classifier[1].weight.detach(),
+    return [map_generate(features.detach(), logits.detach(), classifier[1].weight.detach(),
                          classifier[4].weight.detach())
-            for i, (_, classifier) in enumerate(net.experts())]
+            for features, logits, (_, classifier) in zip(outputs.maps, outputs.expert_logits,
+                                                         net.experts())]
 
 
 def _autocast(device, amp_dtype):
@@ -156,7 +157,7 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
     def ce(logits):
         return criterion(logits.float(), targets)
 
-    out, loss3 = optimise(lambda o: ce(o[2]), inputs)
+    out, loss3 = optimise(lambda o: ce(o.logits3), inputs)
     with torch.no_grad():
         a1, a2, a3 = attention_maps(net, out)
         inputs3_att = attention_im(inputs, a3)
@@ -167,14 +168,15 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
 
     flag = torch.rand(1)
     x2 = inputs3_att if flag < 1 / 3 else inputs1_att if flag < 2 / 3 else inputs
-    _, loss2 = optimise(lambda o: ce(o[1]), x2)
+    _, loss2 = optimise(lambda o: ce(o.logits2), x2)
     flag = torch.rand(1)
     x1 = inputs3_att if flag < 1 / 3 else inputs2_att if flag < 2 / 3 else inputs
-    _, loss1 = optimise(lambda o: ce(o[0]), x1)
-    _, loss_att = optimise(lambda o: ce(o[0]) + ce(o[1]) + ce(o[2]) + ce(o[3]) * 2, inputs_att)
-    out, loss_concat = optimise(lambda o: ce(o[3]) * 2, inputs)
+    _, loss1 = optimise(lambda o: ce(o.logits1), x1)
+    _, loss_att = optimise(lambda o: ce(o.logits1) + ce(o.logits2) + ce(o.logits3)
+                           + ce(o.logits_concat) * 2, inputs_att)
+    out, loss_concat = optimise(lambda o: ce(o.logits_concat) * 2, inputs)
 
-    correct = (out[3].detach().argmax(1) == targets).sum()
+    correct = (out.logits_concat.detach().argmax(1) == targets).sum()
     # One host synchronisation per iteration, for every number the loop reports.
     *values, correct = torch.stack([loss1, loss2, loss3, loss_att, loss_concat,
                                     correct.float()]).float().tolist()
@@ -182,7 +184,7 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
     if not all(map(_finite, values)):
         raise NonFiniteLossError(", ".join(f"{k}={v:.4g}" for k, v in result.items()))
     result["correct"] = int(correct)
-    result["logits_concat"] = out[3].detach()
+    result["logits_concat"] = out.logits_concat.detach()
     return result
 
 
@@ -279,8 +281,8 @@ def combined_scores(model, inputs):
     maps = attention_maps(model, out)
     crop = highlight_im(inputs, *maps)
     out_att = model(crop)
-    heads = [o.float() for o in out[:4]]
-    heads_att = [o.float() for o in out_att[:4]]
+    heads = [o.float() for o in out.heads]
+    heads_att = [o.float() for o in out_att.heads]
     com2 = sum(heads)
     return Scores(heads, maps, crop, heads_att, com2, com2 + sum(heads_att))
 

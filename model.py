@@ -1,4 +1,6 @@
 """CMAL-Net: three experts on layer2, layer3 and layer4 of TResNet-L-V2, and their concatenation."""
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -39,7 +41,7 @@ def _classifier(in_features, hidden, num_classes):
 class CMALNet(nn.Module):
     """The reference `Network_Wrapper`.
 
-    forward returns (logits_1, logits_2, logits_3, logits_concat, map_1, map_2, map_3). Each
+    forward returns a CMALOutput: (logits1, logits2, logits3, logits_concat, map1, map2, map3). Each
     expert pools its conv block output with a global max; the reference's MaxPool2d(46 / 23 / 12)
     is exactly that at 368 px, and the global form accepts any input size.
     """
@@ -74,7 +76,32 @@ class CMALNet(nn.Module):
             pooled.append(v)
             logits.append(classifier(v))
         logits_concat = self.classifier_concat(torch.cat(pooled, -1))
-        return (*logits, logits_concat, *maps)
+        return CMALOutput(*logits, logits_concat, *maps)
+
+
+class CMALOutput(NamedTuple):
+    """What CMALNet.forward returns; a tuple in the reference's order, so its positional
+    unpacking still works."""
+    logits1: torch.Tensor
+    logits2: torch.Tensor
+    logits3: torch.Tensor
+    logits_concat: torch.Tensor
+    map1: torch.Tensor  # the experts' conv block outputs (detached): their attention features
+    map2: torch.Tensor
+    map3: torch.Tensor
+
+    @property
+    def heads(self):
+        """The four classifiers' logits: experts 1, 2, 3 and the concatenation."""
+        return self[:4]
+
+    @property
+    def expert_logits(self):
+        return self[:3]
+
+    @property
+    def maps(self):
+        return self[4:]
 
 
 Network_Wrapper = CMALNet  # the reference's name
