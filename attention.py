@@ -20,8 +20,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from engine import combined_scores, pick_device
+from errors import run_command
 from inference import (ToolError, batches, check_output, find_images, load_images, load_model,
-                       run_tool, tool_parser)
+                       tool_parser)
 from utils import attention_box, highlight_box, joint_map, normalised_map
 
 EXPERT_LAYERS = ("layer2", "layer3", "layer4")
@@ -193,7 +194,7 @@ def run(args):
 
 
 def main(argv=None):
-    return run_tool(run, parse_args(argv))
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

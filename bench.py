@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from engine import SGD_IMPLS, compile_network, evaluate, make_optimizer, pick_device, train_step
+from errors import run_command
 from model import build_cmal
 from src.models import ABN_CHOICES, abn_kind_for, inplace_abn_available
 
@@ -320,4 +321,4 @@ def _describe(args, device, per_configuration=True):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

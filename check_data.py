@@ -14,6 +14,7 @@ from multiprocessing import Pool
 from PIL import Image
 
 from data import BadImageError, Layout, load_rgb
+from errors import run_command
 
 
 def _inspect(args):
@@ -67,4 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

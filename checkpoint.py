@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from errors import UserError
 from src.models.weights import WeightsError, check_compatible, read_checkpoint
 
 FORMAT = "cmal-checkpoint-1"
@@ -25,7 +26,7 @@ TEST_LOG = "results_test.txt"
 JSON_LOG = "log.jsonl"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used for this run; the message says why and what to do."""
 
 

@@ -19,14 +19,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from errors import UserError
+
 SPLITS = ("train", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder that cannot be used as it is; the message says what to fix."""
 
 
-class BadImageError(OSError):
+class BadImageError(UserError, OSError):
     """An image file that cannot be decoded."""
 
     def __init__(self, path, reason=None):

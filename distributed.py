@@ -4,6 +4,8 @@ import os
 import torch
 import torch.distributed as tdist
 
+from errors import UserError
+
 
 def is_distributed():
     return tdist.is_available() and tdist.is_initialized()
@@ -25,7 +27,7 @@ def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-class GpuCountError(RuntimeError):
+class GpuCountError(UserError, RuntimeError):
     """torchrun started more processes on this machine than it has GPUs."""
 
 

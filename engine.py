@@ -9,16 +9,17 @@ import torch
 from tqdm import tqdm
 
 import distributed as dist
+from errors import UserError
 from utils import attention_im, cosine_anneal_schedule, highlight_im, map_generate
 
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A training loss became NaN or infinite; the model is no longer worth saving."""
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """A --device that names no device, or a GPU that is not there."""
 
 

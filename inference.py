@@ -12,32 +12,11 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt_io
+from errors import UserError
 from data import BadImageError, build_transforms, is_image_file, load_rgb
-from engine import DeviceError
 
-# Exit status of a tool that stops on a known failure (the same as train.py's).
-ERROR_STATUS = 2
-
-
-class ToolError(Exception):
+class ToolError(UserError):
     """A failure the user can fix; the message is one line naming the file and what to do."""
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    return ERROR_STATUS
-
-
-def run_tool(body, args):
-    """Run `body(args)`, turning known failures into one line on stderr and ERROR_STATUS."""
-    try:
-        return body(args)
-    except BrokenPipeError:
-        # Output piped into a program that stopped reading (`| head`): stop quietly.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except (ToolError, ckpt_io.CheckpointError, BadImageError, DeviceError) as exc:
-        return fail(" ".join(str(exc).split()) or type(exc).__name__)
 
 
 def tool_parser(description):

@@ -20,7 +20,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from checkpoint import JSON_LOG as LOG_NAME
 from checkpoint import RUN_FILES
-from inference import ToolError, check_output, run_tool
+from errors import run_command
+from inference import ToolError, check_output
 
 TRAIN_LOSSES = ("train_loss", "loss1", "loss2", "loss3", "loss_att", "loss_concat")
 TEST_ACCURACIES = (("acc_concat", "test concat"), ("acc_com2", "test com2"),
@@ -147,7 +148,7 @@ def run(args):
 
 
 def main(argv=None):
-    return run_tool(run, parse_args(argv))
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

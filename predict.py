@@ -14,8 +14,9 @@ import sys
 import torch
 
 from engine import combined_scores, pick_device
+from errors import run_command
 from inference import (ToolError, batches, check_output, find_images, load_images, load_model,
-                       run_tool, tool_parser)
+                       tool_parser)
 
 
 def parse_args(argv):
@@ -88,7 +89,7 @@ def run(args):
 
 
 def main(argv=None):
-    return run_tool(run, parse_args(argv))
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

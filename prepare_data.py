@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image, JpegImagePlugin
 
+from errors import UserError, run_command
+
 # The extensions torchvision's ImageFolder reads; other files are not images to the training.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -40,7 +42,7 @@ FOOD11_VALIDATION_PREFIX = "validation_"
 UNSAFE_CHARS = re.compile(r'[/\\:*?"<>|\x00-\x1f]')
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A source or destination the converter cannot use; the message says what it expected."""
 
 
@@ -499,15 +501,15 @@ def summary(items, out):
 def main(argv=None):
     args = parse_args(argv)
     dataset = DATASETS[args.dataset]
-    try:
-        check_destination(args.src, args.out)
-        items = dataset.plan(args.src, args)
-        check_items(items)
-        print(f"{dataset.title}: writing {len(items)} images to {args.out}", flush=True)
-        how = build(items, args.out, dataset.crop, not args.copy, args.workers)
-    except PrepareError as exc:
-        print(f"prepare_data.py: error: {exc}", file=sys.stderr)
-        return 1
+    return run_command(convert, dataset, args)
+
+
+def convert(dataset, args):
+    check_destination(args.src, args.out)
+    items = dataset.plan(args.src, args)
+    check_items(items)
+    print(f"{dataset.title}: writing {len(items)} images to {args.out}", flush=True)
+    how = build(items, args.out, dataset.crop, not args.copy, args.workers)
     print(summary(items, args.out))
     print("files: " + ", ".join(f"{n} {kind}" for kind, n in how.items()))
     found = len({i.label for i in items})

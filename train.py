@@ -20,15 +20,14 @@ import torch.nn as nn
 
 import checkpoint as ckpt_io
 import distributed as dist
-from data import (CHECKS, BadImageError, DatasetError, build_loaders, mix_seed,
-                  shutdown_workers)
-from engine import (SGD_IMPLS, DeviceError, NonFiniteLossError, compile_network, evaluate,
+from data import CHECKS, build_loaders, mix_seed, shutdown_workers
+from engine import (SGD_IMPLS, NonFiniteLossError, compile_network, evaluate,
                     load_optimizer_state, make_optimizer, new_epoch_stats, pick_device,
                     reduce_stats, set_hyperparameters, summarise_train, train_one_epoch,
                     zero_fill_grads)
+from errors import run_command
 from model import build_cmal
-from src.models import (ABN_CHOICES, WeightsError, abn_kind_for, inplace_abn_available,
-                        resolve_weights)
+from src.models import ABN_CHOICES, abn_kind_for, inplace_abn_available, resolve_weights
 
 # Every setting, with the reference's defaults and a line of help. The dataset scripts replace
 # some defaults; the command line overrides any of them (--name=value).
@@ -511,16 +510,11 @@ def main(defaults=None, argv=None, description=None):
     """Entry point of every training script: parse settings, run, and turn known failures into
     one clear line and a non-zero exit status."""
     cfg = parse_settings(defaults, argv, description)
+    # A KeyboardInterrupt is a second Ctrl-C or SIGTERM (StopRequest), or one before it.
+    stopped = (f"stopped at once; {Path(cfg.output_dir) / 'last.pt'} holds the last saved "
+               "state, if any: continue with --resume")
     try:
-        return run(cfg)
-    except (DatasetError, WeightsError, ckpt_io.CheckpointError, NonFiniteLossError,
-            BadImageError, DeviceError, dist.GpuCountError) as exc:
-        print(f"error: {_last_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM (StopRequest), or one before it
-        print(f"\nstopped at once; {Path(cfg.output_dir) / 'last.pt'} holds the last saved "
-              "state, if any: continue with --resume", file=sys.stderr)
-        return 130
+        return run_command(run, cfg, on_interrupt=lambda: stopped)
     finally:
         dist.shutdown()
 
@@ -530,16 +524,6 @@ def main_from_script(script_globals, argv=None):
     defaults = {k: v for k, v in script_globals.items() if k in SETTINGS}
     doc = (script_globals.get("__doc__") or "").strip()
     return main(defaults, argv, description=doc.split("\n")[0] or None)
-
-
-def _last_line(exc):
-    # Errors raised in DataLoader workers arrive with the worker's traceback in their message;
-    # its last line is "module.ErrorName: message".
-    text = str(exc).strip()
-    if "Traceback" not in text:
-        return text
-    last = text.splitlines()[-1]
-    return last.split(": ", 1)[1] if ": " in last else last
 
 
 if __name__ == "__main__":

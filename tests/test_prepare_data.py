@@ -462,6 +462,6 @@ def test_command_line_help_and_user_error_without_traceback(tmp_path):
                                                    "--validation-to", "train/<class>"))
     (tmp_path / "empty").mkdir()
     refused = cli("aircraft", tmp_path / "empty", tmp_path / "out")
-    assert refused.returncode == 1
+    assert refused.returncode == 2 and refused.stderr.startswith("error: ")
     assert "does not look like FGVC-Aircraft" in refused.stderr
     assert "Traceback" not in refused.stderr

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from errors import UserError
+
 PUBLISHED_WEIGHTS = {
     "stanford_cars": "https://miil-public-eu.oss-eu-central-1.aliyuncs.com/model-zoo/tresnet/"
                      "stanford_cars_tresnet-l-v2_96_27.pth",
@@ -23,7 +25,7 @@ HEAD_PREFIX = "head.fc."
 _LIST_LIMIT = 12
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """A weight file that cannot be used: missing, unreadable, unsafe or of another architecture."""
 
 
