@@ -15,8 +15,9 @@ from utils import attention_im, cosine_anneal_schedule, highlight_im, map_genera
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
 
 
-class NonFiniteLossError(UserError, FloatingPointError):
-    """A training loss became NaN or infinite; the model is no longer worth saving."""
+class NonFiniteError(UserError, FloatingPointError):
+    """A training loss or the weights became NaN or infinite; the model is no longer worth
+    saving."""
 
 
 class DeviceError(UserError, ValueError):
@@ -183,7 +184,7 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
                                     correct.float()]).float().tolist()
     result = dict(zip(LOSS_NAMES, values))
     if not all(map(_finite, values)):
-        raise NonFiniteLossError(", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        raise NonFiniteError(", ".join(f"{k}={v:.4g}" for k, v in result.items()))
     result["correct"] = int(correct)
     result["logits_concat"] = out.logits_concat.detach()
     return result
@@ -230,8 +231,8 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
         try:
             step = train_step(net, optimizer, inputs, targets, criterion, epoch, nb_epoch,
                               amp_dtype=amp_dtype, scaler=scaler)
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(
+        except NonFiniteError as exc:
+            raise NonFiniteError(
                 f"non-finite training loss at epoch {epoch + 1}, batch {stats['position']} "
                 f"({exc}). The run is stopped and no checkpoint was written from this state. Lower "
                 "--lr, check the data (python check_data.py DATA_PATH), or prefer --amp=bf16 to "

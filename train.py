@@ -21,7 +21,7 @@ import torch.nn as nn
 import checkpoint as ckpt_io
 import distributed as dist
 from data import CHECKS, build_loaders, mix_seed, shutdown_workers
-from engine import (SGD_IMPLS, NonFiniteLossError, compile_network, evaluate,
+from engine import (SGD_IMPLS, NonFiniteError, compile_network, evaluate,
                     load_optimizer_state, make_optimizer, new_epoch_stats, pick_device,
                     reduce_stats, set_hyperparameters, summarise_train, train_one_epoch,
                     zero_fill_grads)
@@ -411,7 +411,7 @@ def _run(cfg, device, path, train_loader, test_loader, classes):
             stats = reduce_stats(stats)
         if not torch.stack([t.isfinite().all() for t in model.state_dict().values()
                             if t.is_floating_point()]).all():
-            raise NonFiniteLossError(f"the weights hold NaN or infinite values at epoch "
+            raise NonFiniteError(f"the weights hold NaN or infinite values at epoch "
                                      f"{epoch + 1}; the run is stopped and no checkpoint was "
                                      "written from this state. Lower --lr or prefer --amp=bf16.")
         if dist.is_main():

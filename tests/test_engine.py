@@ -228,12 +228,12 @@ def test_every_parameter_moves_at_every_step_after_the_first_iteration():
 
 
 def test_non_finite_loss_raises():
-    from engine import NonFiniteLossError
+    from engine import NonFiniteError
     net = _tiny()
     opt = make_optimizer(net)
     inputs, targets = _batch()
     inputs[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteLossError, match="loss"):
+    with pytest.raises(NonFiniteError, match="loss"):
         train_step(net, opt, inputs, targets, nn.CrossEntropyLoss())
 
 
