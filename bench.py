@@ -1,9 +1,9 @@
 """Throughput and memory of one CMAL-Net training iteration (train_step) and of evaluation.
 
     python bench.py                                  # full TResNet-L-V2, 224 px, batch 4, auto device
-    python bench.py --image_size=368 --batch=16 --device=cuda --amp=bf16 --channels_last
+    python bench.py --image_size=368 --batch_size=16 --device=cuda --amp=bf16 --channels_last
     python bench.py --loader --workers=2             # the input pipeline on large JPEGs
-    python bench.py --compare --image_size=368 --batch=16 --num_classes=196 --device=cuda
+    python bench.py --compare --image_size=368 --batch_size=16 --num_classes=196 --device=cuda
                                                      # the reference's set-up against faster ones
 
 For each of train_step and evaluate it prints images/s, peak memory, FLOPs per image (counted
@@ -23,34 +23,26 @@ import time
 import torch
 import torch.nn as nn
 
-from engine import SGD_IMPLS, compile_network, evaluate, make_optimizer, pick_device, train_step
+import settings
+from engine import compile_network, evaluate, make_optimizer, pick_device, train_step
 from errors import run_command
 from model import build_cmal
-from src.models import ABN_CHOICES, abn_kind_for, inplace_abn_available
+from src.models import abn_kind_for, inplace_abn_available
+
+
+# The settings of train.py that describe what is measured, with the benchmark's defaults.
+MEASURED = ("image_size", "batch_size", "num_classes", "device", "layers", "width_factor",
+            "head_mid", "head_features", "head_hidden", "amp", "channels_last", "compile", "abn",
+            "sgd", "workers")
+DEFAULTS = {"image_size": 224, "batch_size": 4, "num_classes": 200, "workers": 2}
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--num_classes", type=int, default=200)
-    p.add_argument("--device", default="auto")
+    settings.add_arguments(p, MEASURED, DEFAULTS)
     p.add_argument("--iters", type=int, default=3, help="timed iterations")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    p.add_argument("--layers", default="3,4,23,3")
-    p.add_argument("--width_factor", type=float, default=1.0)
-    p.add_argument("--head_mid", type=int, default=512)
-    p.add_argument("--head_features", type=int, default=1024)
-    p.add_argument("--head_hidden", type=int, default=512)
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--abn", default="auto", choices=list(ABN_CHOICES),
-                   help="activated batch norm (auto: pure on the CPU; on CUDA native with --amp, "
-                        "inplace without)")
-    p.add_argument("--sgd", default="foreach", choices=list(SGD_IMPLS),
-                   help="SGD implementation (loop: per parameter, as the reference)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     p.add_argument("--compare", action="store_true",
                    help="time the reference's configuration (fp32, eager, InPlaceABN, SGD per "
@@ -59,8 +51,8 @@ def parse(argv=None):
                    help="--compare: only these rows of the table, e.g. 0,3 (0 is the reference's "
                         "set-up; default all)")
     p.add_argument("--loader", action="store_true",
-                   help="measure the training input pipeline instead, on generated JPEGs")
-    p.add_argument("--workers", type=int, default=2, help="--loader: data loading processes")
+                   help="measure the training input pipeline instead, on generated JPEGs "
+                        "(--workers loading processes)")
     p.add_argument("--images", type=int, default=64, help="--loader: how many JPEGs")
     p.add_argument("--jpeg_size", default="1500x1000", help="--loader: width x height")
     p.add_argument("--mode", default="all", choices=["all", "train", "eval", "matmul"],
@@ -123,7 +115,7 @@ def measure(args):
     if args.mode == "matmul":
         return {"matmul_gflops": matmul_gflops(device)}
     torch.manual_seed(0)
-    net = build_cmal(args.num_classes, layers=tuple(int(n) for n in args.layers.split(",")),
+    net = build_cmal(args.num_classes, layers=args.layers,
                      width_factor=args.width_factor, mid_channels=args.head_mid,
                      feature_channels=args.head_features, hidden=args.head_hidden,
                      abn=abn_kind_for(args.abn, device, amp=args.amp != "none"))
@@ -132,10 +124,10 @@ def measure(args):
         net = net.to(memory_format=torch.channels_last)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.arange(args.batch, device=device) % args.num_classes
+    y = torch.arange(args.batch_size, device=device) % args.num_classes
     criterion = nn.CrossEntropyLoss()
     runner = compile_network(net) if args.compile else net
     if args.mode == "train":
@@ -160,12 +152,12 @@ def measure(args):
         once()
     _sync(device)
     seconds = (time.perf_counter() - t0) / args.iters
-    result = {"images_per_s": args.batch / seconds, "seconds_per_batch": seconds,
+    result = {"images_per_s": args.batch_size / seconds, "seconds_per_batch": seconds,
               "peak_mb": _peak_mb(device)}
     if ops:
         result["ops"] = ops
     if flops:
-        result["gflop_per_image"] = flops / args.batch / 1e9
+        result["gflop_per_image"] = flops / args.batch_size / 1e9
         result["gflops"] = flops / seconds / 1e9
     return result
 
@@ -258,11 +250,11 @@ def loader_benchmark(args):
             paths.append(f"{folder}/{i}.jpg")
             _photo_like(rng, width, height).save(paths[-1], quality=90)
         print(f"loader: {args.images} JPEGs of {width}x{height}, train transform to "
-              f"{args.image_size} px (resize {resize}), batch {args.batch}, {args.workers} workers")
+              f"{args.image_size} px (resize {resize}), batch {args.batch_size}, {args.workers} workers")
         rates = {}
         for name, draft in (("plain", None), ("fast_decode", resize)):
             ds = ImageDataset([(p, 0) for p in paths], ["x"], train_tf, draft_size=draft)
-            loader = DataLoader(ds, batch_size=args.batch, sampler=EpochSampler(len(ds)),
+            loader = DataLoader(ds, batch_size=args.batch_size, sampler=EpochSampler(len(ds)),
                                 num_workers=args.workers, collate_fn=collate_skipping)
             next(iter(loader))  # start the workers before timing
             t0 = time.perf_counter()
@@ -311,7 +303,7 @@ def _describe(args, device, per_configuration=True):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     line = (f"device: {device} ({name}); torch {torch.__version__}; input {args.image_size} px, "
-            f"batch {args.batch}, {args.num_classes} classes, layers {args.layers}, width "
+            f"batch {args.batch_size}, {args.num_classes} classes, layers {args.layers}, width "
             f"{args.width_factor}")
     if per_configuration:
         line += (f", amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "

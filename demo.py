@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+import settings
 import train
 
 DATA = Path(__file__).resolve().parent / "data" / "demo"
@@ -139,8 +140,10 @@ def make_dataset(root=DATA, seed=0):
 
 
 def main(argv=None):
+    description = __doc__.split("\n")[0]
+    settings.parse(SETTINGS, argv, description)  # --help and bad options, before any work
     make_dataset()
-    return train.main(SETTINGS, argv, description=__doc__.split("\n")[0])
+    return train.main(SETTINGS, argv, description=description)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ The dataset scripts (train_Stanford_Cars_TResNet_L.py, ...) call main() with the
 combined test accuracy), results_train.txt / results_test.txt (the reference's formats) and
 log.jsonl (one JSON record per epoch).
 """
-import argparse
 import os
 import signal
 import sys
@@ -20,150 +19,16 @@ import torch.nn as nn
 
 import checkpoint as ckpt_io
 import distributed as dist
-from data import CHECKS, build_loaders, mix_seed, shutdown_workers
-from engine import (SGD_IMPLS, NonFiniteError, compile_network, evaluate,
+from data import build_loaders, mix_seed, shutdown_workers
+from engine import (NonFiniteError, compile_network, evaluate,
                     load_optimizer_state, make_optimizer, new_epoch_stats, pick_device,
                     reduce_stats, set_hyperparameters, summarise_train, train_one_epoch,
                     zero_fill_grads)
+import settings
 from errors import run_command
+from settings import Settings
 from model import build_cmal
-from src.models import ABN_CHOICES, abn_kind_for, inplace_abn_available, resolve_weights
-
-# Every setting, with the reference's defaults and a line of help. The dataset scripts replace
-# some defaults; the command line overrides any of them (--name=value).
-SETTINGS = {
-    "data_path": (None, "dataset root holding train/<class>/ and test/<class>/"),
-    "num_classes": (None, "number of classes (checked against the class folders; by default "
-                          "their number)"),
-    "epochs": (200, "training epochs"),
-    "batch_size": (16, "training batch (over all processes)"),
-    "test_batch_size": (3, "evaluation batch per process"),
-    "workers": (4, "data loading processes per training process"),
-    "output_dir": ("Results", "folder for checkpoints and logs"),
-    "weights": ("", "TResNet-L-V2 backbone weights: a file, a URL, 'stanford_cars' or "
-                    "'imagenet21k' (published files), or '' for random initialisation"),
-    "lr": (0.002, "learning rate of the heads (cosine-annealed per epoch)"),
-    "backbone_lr": (0.0002, "learning rate of the backbone"),
-    "momentum": (0.9, "SGD momentum"),
-    "weight_decay": (5e-4, "SGD weight decay"),
-    "image_size": (368, "training and test crop size in pixels (a multiple of 4, at least 32)"),
-    "resize": (421, "images are first resized to resize x resize"),
-    "crop_padding": (8, "padding of the random training crop"),
-    "eval_every": (0, "evaluate every N epochs; 0 keeps the reference schedule (the first 5 "
-                      "epochs and the second half) and the last epoch"),
-    "seed": (0, "seed of initialisation, data order, augmentation and crop choices"),
-    "device": ("auto", "cuda, cpu, cuda:1, ... (auto: cuda when available)"),
-    "resume": ("", "continue a run: a checkpoint path, or bare --resume for "
-                   "output_dir/last.pt (a fresh start when there is none yet)"),
-    "test_only": (False, "only evaluate a checkpoint (--resume=PATH, default output_dir/best.pt)"),
-    "overwrite": (False, "start a new run in an output_dir that already holds one"),
-    "save_every": (0, "also write last.pt every N iterations inside an epoch (0: epoch ends only)"),
-    "amp": ("none", "mixed precision: none, bf16 or fp16 (fp16 uses a gradient scaler)"),
-    "channels_last": (False, "channels-last memory format"),
-    "compile": (False, "torch.compile the network (the first iterations take minutes on a GPU; "
-                       "the result is cached for later runs)"),
-    "sgd": ("foreach", "how SGD updates the parameters, the same arithmetic: foreach (few "
-                       "kernels), fused (one kernel per group) or loop (per parameter, as the "
-                       "reference)"),
-    "deterministic": (False, "reproducible CUDA runs: deterministic cuDNN and CUDA algorithms "
-                             "(slower); the CPU always is"),
-    "layers": ("3,4,23,3", "TResNet blocks per stage (smaller for quick experiments)"),
-    "width_factor": (1.0, "TResNet width factor (1.0: TResNet-L-V2)"),
-    "head_mid": (512, "channels of the first conv of each expert's block"),
-    "head_features": (1024, "channels of each expert's feature map"),
-    "head_hidden": (512, "hidden width of each classifier"),
-    "abn": ("auto", "activated batch norm, the same function in three implementations: inplace "
-                    "(inplace_abn, least memory), pure (PyTorch, InPlaceABN's rounding), native "
-                    "(PyTorch's batch norm in the --amp dtype, fused by --compile) or auto "
-                    "(pure on the CPU; on CUDA native with --amp, inplace without)"),
-    "skip_bad_images": (False, "skip unreadable images with a warning instead of stopping"),
-    "max_image_pixels": (89478485, "refuse images with more pixels (decompression bombs)"),
-    "check_images": ("headers", "before training, read every image's header (headers: seconds "
-                                "for a dataset), decode every image (full) or neither (none)"),
-    "fast_decode": (False, "decode large JPEGs at a reduced scale (faster loading; the images "
-                           "differ slightly from the reference transform's, see README)"),
-    "progress": (True, "show progress bars"),
-}
-
-
-def _bool(text):
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def parse_settings(defaults=None, argv=None, description=None):
-    """Settings from SETTINGS, the caller's `defaults`, then the command line."""
-    defaults = {**{k: v for k, (v, _) in SETTINGS.items()}, **(defaults or {})}
-    unknown = set(defaults) - set(SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}")
-    parser = argparse.ArgumentParser(description=description or __doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, (_, help_text) in SETTINGS.items():
-        default = defaults[name]
-        if isinstance(SETTINGS[name][0], bool):
-            parser.add_argument(f"--{name}", type=_bool, nargs="?", const=True, default=default,
-                                help=help_text)
-        elif name == "resume":
-            parser.add_argument("--resume", nargs="?", const="auto", default=default,
-                                help=help_text)
-        else:
-            kind = type(SETTINGS[name][0]) if SETTINGS[name][0] is not None else None
-            kind = {None: str, str: str}.get(kind, kind)
-            if name == "num_classes":
-                kind = int
-            parser.add_argument(f"--{name}", type=kind, default=default, help=help_text)
-    cfg = parser.parse_args(argv)
-    _validate(parser, cfg)
-    return cfg
-
-
-def _validate(parser, cfg):
-    if not cfg.data_path:
-        parser.error("--data_path is required (or set data_path in the script's settings)")
-    try:
-        cfg.layers = tuple(int(n) for n in str(cfg.layers).split(","))
-    except ValueError:
-        parser.error(f"--layers must be four comma-separated integers, got {cfg.layers!r}")
-    if len(cfg.layers) != 4 or min(cfg.layers) < 1:
-        parser.error(f"--layers must be four positive integers, got {cfg.layers}")
-    for name in ("epochs", "batch_size", "test_batch_size", "image_size", "resize"):
-        if getattr(cfg, name) < 1:
-            parser.error(f"--{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.batch_size < 2:
-        parser.error("--batch_size must be at least 2 (the classifiers' BatchNorm1d needs two "
-                     "samples)")
-    if cfg.image_size % 4 or cfg.image_size < 32:
-        parser.error(f"--image_size must be a multiple of 4 and at least 32 (368 in the paper), "
-                     f"got {cfg.image_size}")
-    if cfg.resize < cfg.image_size:
-        parser.error(f"--resize ({cfg.resize}) must be at least --image_size ({cfg.image_size})")
-    if cfg.abn not in ABN_CHOICES:
-        parser.error(f"--abn must be one of {', '.join(ABN_CHOICES)}, got {cfg.abn!r}")
-    if cfg.abn == "inplace" and not inplace_abn_available():
-        parser.error("--abn=inplace but inplace_abn is not installed (make setup builds it); "
-                     "use --abn=auto")
-    if cfg.check_images not in CHECKS:
-        parser.error(f"--check_images must be one of {', '.join(CHECKS)}, got "
-                     f"{cfg.check_images!r}")
-    if cfg.max_image_pixels < 1:
-        parser.error(f"--max_image_pixels must be positive, got {cfg.max_image_pixels}")
-    for name in ("lr", "backbone_lr", "momentum", "weight_decay"):
-        if getattr(cfg, name) < 0:
-            parser.error(f"--{name} cannot be negative, got {getattr(cfg, name)}")
-    if cfg.sgd not in SGD_IMPLS:
-        parser.error(f"--sgd must be one of {', '.join(SGD_IMPLS)}, got {cfg.sgd!r}")
-    if cfg.amp not in ("none", "bf16", "fp16"):
-        parser.error(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
-    if cfg.num_classes is not None and cfg.num_classes < 2:
-        parser.error(f"--num_classes must be at least 2, got {cfg.num_classes}")
-    if cfg.workers < 0 or cfg.eval_every < 0 or cfg.save_every < 0:
-        parser.error("--workers, --eval_every and --save_every cannot be negative")
-
+from src.models import abn_kind_for, resolve_weights
 
 def should_evaluate(epoch, cfg):
     if epoch == cfg.epochs - 1:
@@ -232,9 +97,7 @@ def build_model(cfg, device, weights=None):
 def load_trained(path, device="cpu"):
     """(model in eval mode, class names, settings) of a checkpoint written by a training run."""
     ck = ckpt_io.load(path)
-    cfg = argparse.Namespace(**{k: v for k, (v, _) in SETTINGS.items()})
-    vars(cfg).update(ck["settings"])
-    cfg.layers = tuple(cfg.layers)
+    cfg = Settings.from_checkpoint(ck["settings"])
     model = build_model(cfg, device)
     ckpt_io.load_model_state(model, ck, path)
     return model.eval(), ck["classes"], cfg
@@ -420,7 +283,7 @@ def _run(cfg, device, path, train_loader, test_loader, classes):
                           "scaler": scaler.state_dict() if scaler else None,
                           "epoch": epoch, "stats": stats, "best_acc": state["best_acc"],
                           "best_epoch": state["best_epoch"], "history": state["history"],
-                          "settings": _plain(vars(cfg)), "classes": classes,
+                          "settings": cfg.to_dict(), "classes": classes,
                           "rng": ckpt_io.rng_state()}, out_dir / ("best.pt" if best else "last.pt"))
             if best:
                 ckpt_io.link_or_copy(out_dir / "best.pt", out_dir / "last.pt")
@@ -489,10 +352,6 @@ def _run(cfg, device, path, train_loader, test_loader, classes):
     return 0
 
 
-def _plain(d):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
 def test_only(cfg, device, test_loader, criterion, amp_dtype):
     """Score a checkpoint (its own architecture settings) on cfg.data_path's test split."""
     path = Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else Path(cfg.output_dir) / "best.pt"
@@ -509,7 +368,7 @@ def test_only(cfg, device, test_loader, criterion, amp_dtype):
 def main(defaults=None, argv=None, description=None):
     """Entry point of every training script: parse settings, run, and turn known failures into
     one clear line and a non-zero exit status."""
-    cfg = parse_settings(defaults, argv, description)
+    cfg = settings.parse(defaults, argv, description or __doc__.split("\n")[0])
     # A KeyboardInterrupt is a second Ctrl-C or SIGTERM (StopRequest), or one before it.
     stopped = (f"stopped at once; {Path(cfg.output_dir) / 'last.pt'} holds the last saved "
                "state, if any: continue with --resume")
@@ -520,10 +379,11 @@ def main(defaults=None, argv=None, description=None):
 
 
 def main_from_script(script_globals, argv=None):
-    """main() with the settings a dataset script defines at its top (any name of SETTINGS)."""
-    defaults = {k: v for k, v in script_globals.items() if k in SETTINGS}
+    """main() with the settings block a dataset script defines at its top (names of
+    settings.Settings; a misspelt one stops with the closest valid name)."""
     doc = (script_globals.get("__doc__") or "").strip()
-    return main(defaults, argv, description=doc.split("\n")[0] or None)
+    return run_command(lambda: main(settings.from_script(script_globals), argv,
+                                    description=doc.split("\n")[0] or None))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import settings  # noqa: E402
 import train  # noqa: E402
 
 models = []
@@ -21,6 +22,6 @@ def build_model(*args, **kwargs):
 
 train.build_model = build_model
 status = train.main(None, sys.argv[1:])
-cfg = train.parse_settings(None, sys.argv[1:])
+cfg = settings.parse(None, sys.argv[1:])
 torch.save(models[-1].state_dict(), Path(cfg.output_dir) / f"rank{os.environ['RANK']}.pt")
 sys.exit(status)

@@ -17,7 +17,7 @@ def _run(*args):
 
 def test_step_benchmark_reports():
     out = _run("--layers=1,1,1,1", "--width_factor=0.125", "--head_mid=16", "--head_features=32",
-               "--head_hidden=16", "--image_size=64", "--batch=2", "--iters=1", "--warmup=0",
+               "--head_hidden=16", "--image_size=64", "--batch_size=2", "--iters=1", "--warmup=0",
                "--device=cpu", "--threads=1")
     assert re.search(r"matmul \(float32, 4096\^2\): [\d.]+ GFLOP/s", out)
     for label in ("train_step", "evaluate"):
@@ -26,7 +26,7 @@ def test_step_benchmark_reports():
 
 
 def test_loader_benchmark_reports():
-    out = _run("--loader", "--images=4", "--jpeg_size=600x400", "--workers=0", "--batch=2")
+    out = _run("--loader", "--images=4", "--jpeg_size=600x400", "--workers=0", "--batch_size=2")
     assert re.search(r"plain +: +[\d.]+ img/s", out) and re.search(r"fast_decode +: +[\d.]+ img/s", out)
     assert "differs from the reference transform's by" in out
 
@@ -34,7 +34,7 @@ def test_loader_benchmark_reports():
 def test_compare_prints_a_table_against_the_reference_set_up():
     out = _run("--compare", "--rows=0,1,3", "--layers=1,1,1,1", "--width_factor=0.125",
                "--head_mid=16", "--head_features=32", "--head_hidden=16", "--image_size=64",
-               "--batch=2", "--iters=1", "--warmup=0", "--device=cpu", "--threads=1")
+               "--batch_size=2", "--iters=1", "--warmup=0", "--device=cpu", "--threads=1")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "img/s" not in line]
     assert [r.split(" | ")[0] for r in rows] == ["| reference set-up: fp32, eager, InPlaceABN, "
                                                  "SGD per parameter", "| fp32, foreach SGD",

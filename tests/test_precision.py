@@ -46,8 +46,13 @@ def test_autocast_step_close_to_float32(abn_impl, amp):
     assert got["loss3"] == pytest.approx(expected["loss3"], rel=0.02)
     for k in LOSSES:
         assert got[k] == pytest.approx(expected[k], rel=0.3), k
-    result = evaluate(net, [(x, y, 0)], nn.CrossEntropyLoss(), amp_dtype=dtype)
-    assert 0 <= result["acc_combined"] <= 100 and result["loss"] == result["loss"]
+    # Evaluation under autocast scores the same trained network as float32 does.
+    batch = [(x, y, 0)]
+    reference = evaluate(net, batch, nn.CrossEntropyLoss())
+    result = evaluate(net, batch, nn.CrossEntropyLoss(), amp_dtype=dtype)
+    assert result["loss"] == pytest.approx(reference["loss"], rel=0.05)
+    for k in ("acc_concat", "acc_com2"):  # 4 samples: one flipped prediction is 25 points
+        assert abs(result[k] - reference[k]) <= 25, k
 
 
 def test_channels_last_equals_float32(abn_impl):

@@ -14,6 +14,7 @@ import check_data
 import checkpoint as ckpt_io
 import plot_curves
 import predict
+import settings
 import train
 from data import Layout, check_layout
 from src.models import WeightsError
@@ -174,7 +175,7 @@ def test_bad_output_dir_stops_before_the_data_scan(tmp_path, capsys, monkeypatch
 def test_negative_settings_are_refused(capsys):
     for bad in ("--lr=-0.1", "--backbone_lr=-1", "--max_image_pixels=-5", "--weight_decay=-1"):
         with pytest.raises(SystemExit) as exc:
-            train.parse_settings({"data_path": "x"}, [bad])
+            settings.parse({"data_path": "x"}, [bad])
         assert exc.value.code == 2
         assert bad.split("=")[0] in capsys.readouterr().err
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt_io
+import settings
 import train
 from tests.conftest import TINY_ARGS, make_image_folder
 
@@ -55,7 +56,7 @@ def test_end_to_end_logs_and_checkpoints(image_folder, tmp_path, capsys):
 
 
 def test_reference_evaluation_schedule():
-    cfg = train.parse_settings({"data_path": "x"}, [])
+    cfg = settings.parse({"data_path": "x"}, [])
     evaluated = [e for e in range(200) if train.should_evaluate(e, cfg)]
     assert evaluated == list(range(5)) + list(range(100, 200))
 

@@ -1,0 +1,242 @@
+"""Every setting of a training run in one place: its type, default and help; parsing from a dataset
+script's settings block and the command line; validation; reading them back from a checkpoint.
+
+A dataset script's block and the command line may name only the fields of `Settings`; a
+misspelt name stops with the closest valid one, and options are never matched by prefix.
+"""
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Optional
+
+from data import CHECKS
+from engine import SGD_IMPLS
+from errors import UserError
+from src.models import ABN_CHOICES
+
+AMP_CHOICES = ("none", "bf16", "fp16")
+
+
+class SettingsError(UserError):
+    """A settings block or a command line naming a setting that does not exist."""
+
+
+def parse_bool(text):
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_layers(text):
+    """'3,4,23,3' (or a sequence of four integers) -> (3, 4, 23, 3)."""
+    parts = str(text).strip("()[] ").split(",") if isinstance(text, str) else list(text)
+    try:
+        return tuple(int(n) for n in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected four comma-separated integers, got "
+                                         f"{text!r}") from None
+
+
+def _setting(default, parse, help, choices=None, bare=None):
+    """A field of Settings: `parse` turns command-line text into the value; `bare` is the value of
+    the option given without one (`--resume`, `--compile`)."""
+    return field(default=default, metadata={"parse": parse, "help": help, "choices": choices,
+                                            "bare": bare})
+
+
+@dataclass
+class Settings:
+    data_path: Optional[str] = _setting(
+        None, str, "dataset root holding train/<class>/ and test/<class>/")
+    num_classes: Optional[int] = _setting(
+        None, int, "number of classes (checked against the class folders; by default their "
+                   "number)")
+    epochs: int = _setting(200, int, "training epochs")
+    batch_size: int = _setting(16, int, "training batch (over all processes)")
+    test_batch_size: int = _setting(3, int, "evaluation batch per process")
+    workers: int = _setting(4, int, "data loading processes per training process")
+    output_dir: str = _setting("Results", str, "folder for checkpoints and logs")
+    weights: str = _setting(
+        "", str, "TResNet-L-V2 backbone weights: a file, a URL, 'stanford_cars' or 'imagenet21k' "
+                 "(published files), or '' for random initialisation")
+    lr: float = _setting(0.002, float, "learning rate of the heads (cosine-annealed per epoch)")
+    backbone_lr: float = _setting(0.0002, float, "learning rate of the backbone")
+    momentum: float = _setting(0.9, float, "SGD momentum")
+    weight_decay: float = _setting(5e-4, float, "SGD weight decay")
+    image_size: int = _setting(
+        368, int, "training and test crop size in pixels (a multiple of 4, at least 32)")
+    resize: int = _setting(421, int, "images are first resized to resize x resize")
+    crop_padding: int = _setting(8, int, "padding of the random training crop")
+    eval_every: int = _setting(
+        0, int, "evaluate every N epochs; 0 keeps the reference schedule (the first 5 epochs and "
+                "the second half) and the last epoch")
+    seed: int = _setting(0, int, "seed of initialisation, data order, augmentation and crop "
+                                 "choices")
+    device: str = _setting("auto", str, "cuda, cpu, cuda:1, ... (auto: cuda when available)")
+    resume: str = _setting(
+        "", str, "continue a run: a checkpoint path, or bare --resume for output_dir/last.pt (a "
+                 "fresh start when there is none yet)", bare="auto")
+    test_only: bool = _setting(
+        False, parse_bool, "only evaluate a checkpoint (--resume=PATH, default "
+                           "output_dir/best.pt)", bare=True)
+    overwrite: bool = _setting(
+        False, parse_bool, "start a new run in an output_dir that already holds one (its "
+                           "checkpoints and logs are removed first)", bare=True)
+    save_every: int = _setting(
+        0, int, "also write last.pt every N iterations inside an epoch (0: epoch ends only)")
+    amp: str = _setting("none", str, "mixed precision: none, bf16 or fp16 (fp16 uses a gradient "
+                                     "scaler)", choices=AMP_CHOICES)
+    channels_last: bool = _setting(False, parse_bool, "channels-last memory format", bare=True)
+    compile: bool = _setting(
+        False, parse_bool, "torch.compile the network (the first iterations take minutes on a "
+                           "GPU; the result is cached for later runs)", bare=True)
+    sgd: str = _setting(
+        "foreach", str, "how SGD updates the parameters, the same arithmetic: foreach (few "
+                        "kernels), fused (one kernel per group) or loop (per parameter, as the "
+                        "reference)", choices=SGD_IMPLS)
+    deterministic: bool = _setting(
+        False, parse_bool, "reproducible CUDA runs: deterministic cuDNN and CUDA algorithms "
+                           "(slower); the CPU always is", bare=True)
+    layers: tuple = _setting((3, 4, 23, 3), parse_layers,
+                             "TResNet blocks per stage (smaller for quick experiments)")
+    width_factor: float = _setting(1.0, float, "TResNet width factor (1.0: TResNet-L-V2)")
+    head_mid: int = _setting(512, int, "channels of the first conv of each expert's block")
+    head_features: int = _setting(1024, int, "channels of each expert's feature map")
+    head_hidden: int = _setting(512, int, "hidden width of each classifier")
+    abn: str = _setting(
+        "auto", str, "activated batch norm, the same function in three implementations: inplace "
+                     "(inplace_abn, least memory), pure (PyTorch, InPlaceABN's rounding), native "
+                     "(PyTorch's batch norm in the --amp dtype, fused by --compile) or auto (pure "
+                     "on the CPU; on CUDA native with --amp, inplace without)",
+        choices=ABN_CHOICES)
+    skip_bad_images: bool = _setting(
+        False, parse_bool, "skip unreadable images with a warning instead of stopping",
+        bare=True)
+    max_image_pixels: int = _setting(
+        89478485, int, "refuse images with more pixels (decompression bombs)")
+    check_images: str = _setting(
+        "headers", str, "before training, read every image's header (headers: seconds for a "
+                        "dataset), decode every image (full) or neither (none)", choices=CHECKS)
+    fast_decode: bool = _setting(
+        False, parse_bool, "decode large JPEGs at a reduced scale (faster loading; the images "
+                           "differ slightly from the reference transform's, see README)",
+        bare=True)
+    progress: bool = _setting(True, parse_bool, "show progress bars", bare=True)
+
+    def to_dict(self):
+        """Plain values (tuples as lists), as checkpoints store them."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_checkpoint(cls, saved):
+        """The settings a checkpoint was trained with; settings added since get their
+        defaults, and ones this version no longer has are left out."""
+        known = {k: v for k, v in saved.items() if k in NAMES}
+        if "layers" in known:
+            known["layers"] = parse_layers(known["layers"])
+        return cls(**known)
+
+
+NAMES = tuple(f.name for f in dataclasses.fields(Settings))
+
+
+def closest(name, prefix=""):
+    """' (did you mean PREFIXx?)' for the valid setting x nearest to a misspelt `name`, or ''."""
+    match = [n for n in NAMES if n.startswith(name)] or difflib.get_close_matches(name, NAMES, 1)
+    return f" (did you mean {' or '.join(prefix + m for m in match[:3])}?)" if match else ""
+
+
+def check_names(values, where):
+    """Refuse any name of `values` that is no setting, suggesting the closest one."""
+    unknown = sorted(set(values) - set(NAMES))
+    if unknown:
+        raise SettingsError(f"{where}: unknown setting"
+                            + "; ".join(f" {name!r}{closest(name)}" for name in unknown)
+                            + ". Valid settings: python train.py --help")
+
+
+def add_arguments(parser, names=NAMES, defaults=None):
+    """Add --name options of these settings to an argparse parser, with these defaults."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(Settings):
+        if f.name not in names:
+            continue
+        meta = f.metadata
+        default = defaults.get(f.name, f.default)
+        option = dict(type=meta["parse"], default=default, help=meta["help"])
+        if meta["choices"]:
+            option["choices"] = meta["choices"]
+        if meta["bare"] is not None:
+            option.update(nargs="?", const=meta["bare"])
+        parser.add_argument(f"--{f.name}", **option)
+
+
+def parse(defaults=None, argv=None, description=None):
+    """Settings: the defaults of Settings, then the caller's `defaults` (a dataset script's
+    block), then the command line; checked by `validate`."""
+    defaults = dict(defaults or {})
+    check_names(defaults, "settings")
+    if "layers" in defaults:
+        defaults["layers"] = parse_layers(defaults["layers"])
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser, defaults=defaults)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        option = unknown[0].split("=")[0]
+        parser.error(f"unrecognized option {option}{closest(option.lstrip('-'), '--')}")
+    cfg = Settings(**vars(namespace))
+    problems = validate(cfg)
+    if problems:
+        parser.error("; ".join(problems))
+    return cfg
+
+
+def from_script(script_globals):
+    """The settings block of a dataset script: its global names, less modules, functions and
+    Python's own; every other name must be a setting."""
+    import types
+    block = {k: v for k, v in script_globals.items()
+             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType,
+                                                             type))}
+    check_names(block, f"the settings block of {script_globals.get('__file__', 'the script')}")
+    return block
+
+
+def validate(cfg):
+    """What is wrong with a set of settings, one message per problem naming the option."""
+    problems = []
+    if not cfg.data_path:
+        problems.append("--data_path is required (or set data_path in the script's settings)")
+    if len(cfg.layers) != 4 or min(cfg.layers) < 1:
+        problems.append(f"--layers must be four positive integers, got {cfg.layers}")
+    for name in ("epochs", "batch_size", "test_batch_size", "image_size", "resize",
+                 "max_image_pixels"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.batch_size == 1:
+        problems.append("--batch_size must be at least 2 (the classifiers' BatchNorm1d needs two "
+                        "samples)")
+    if cfg.image_size % 4 or cfg.image_size < 32:
+        problems.append(f"--image_size must be a multiple of 4 and at least 32 (368 in the "
+                        f"paper), got {cfg.image_size}")
+    if cfg.resize < cfg.image_size:
+        problems.append(f"--resize ({cfg.resize}) must be at least --image_size "
+                        f"({cfg.image_size})")
+    if cfg.abn == "inplace":
+        from src.models import inplace_abn_available
+        if not inplace_abn_available():
+            problems.append("--abn=inplace but inplace_abn is not installed (make setup builds "
+                            "it); use --abn=auto")
+    if cfg.num_classes is not None and cfg.num_classes < 2:
+        problems.append(f"--num_classes must be at least 2, got {cfg.num_classes}")
+    for name in ("workers", "eval_every", "save_every", "lr", "backbone_lr", "momentum",
+                 "weight_decay"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} cannot be negative, got {getattr(cfg, name)}")
+    return problems
