@@ -24,9 +24,11 @@ import torch
 import torch.nn as nn
 
 import settings
-from engine import compile_network, evaluate, make_optimizer, pick_device, train_step
+from distributed import pick_device
+from engine import evaluate, train_step
 from errors import run_command
-from model import build_cmal
+from model import build_cmal, compile_network
+from optimizer import make_optimizer
 from src.models import abn_kind_for, inplace_abn_available
 
 

@@ -208,6 +208,18 @@ def load(path):
     return ckpt
 
 
+def load_trained(path, device="cpu"):
+    """(model in eval mode, class names, settings) of a checkpoint written by a training run:
+    the network its settings describe, with its weights."""
+    from model import build_from_settings  # late: the model imports the whole backbone
+    from settings import Settings
+    ck = load(path)
+    cfg = Settings.from_checkpoint(ck["settings"])
+    model = build_from_settings(cfg, device)
+    load_model_state(model, ck, path)
+    return model.eval(), ck["classes"], cfg
+
+
 def load_model_state(model, ckpt, path):
     """Load the checkpoint's weights, refusing another architecture or class count by name."""
     try:

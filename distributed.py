@@ -1,4 +1,5 @@
-"""The few torch.distributed calls the project needs; each is a no-op in a single process."""
+"""The process's device and its process group: --device, torchrun, and the few torch.distributed
+calls the project needs (each a no-op in a single process)."""
 import os
 
 import torch
@@ -25,6 +26,57 @@ def is_main():
 
 def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+class DeviceError(UserError, ValueError):
+    """A --device that names no device, or a GPU that is not there."""
+
+
+def pick_device(name):
+    """torch.device for a --device setting; 'auto' is cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"--device={name} is not a device name ({exc}); use auto, cpu or "
+                          "cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device={name}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"--device={name} but no CUDA GPU is visible; use --device=cpu")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"--device={name} but only {count} GPU(s) are visible "
+                              f"(cuda:0 to cuda:{count - 1})")
+    return device
+
+
+def setup_device(cfg):
+    """The device of this process, joining torchrun's process group when launched by it."""
+    device = pick_device(cfg.device)
+    if launched_by_torchrun():
+        if device.type == "cuda":
+            check_gpus_per_node()
+        local_rank = init(device.type)
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        set_cuda_determinism(cfg.deterministic)
+    return device
+
+
+def set_cuda_determinism(deterministic):
+    """cuDNN autotuning for speed, or deterministic algorithms so that two runs with the same
+    seed end with the same weights (cuBLAS needs its workspace setting before its first use)."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: an operation without a deterministic CUDA kernel is named in a warning instead
+    # of stopping the run.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 class GpuCountError(UserError, RuntimeError):
@@ -73,15 +125,6 @@ def all_reduce_sum(values):
 def barrier():
     if is_distributed():
         tdist.barrier()
-
-
-def broadcast_object(obj):
-    """rank 0's object on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def broadcast_buffers(module):

@@ -10,7 +10,9 @@ from tqdm import tqdm
 
 import distributed as dist
 from errors import UserError
-from utils import attention_im, cosine_anneal_schedule, highlight_im, map_generate
+from model import unwrap
+from optimizer import set_learning_rates
+from utils import attention_im, highlight_im, map_generate
 
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
 
@@ -18,99 +20,6 @@ LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
 class NonFiniteError(UserError, FloatingPointError):
     """A training loss or the weights became NaN or infinite; the model is no longer worth
     saving."""
-
-
-class DeviceError(UserError, ValueError):
-    """A --device that names no device, or a GPU that is not there."""
-
-
-def pick_device(name):
-    """torch.device for a --device setting; 'auto' is cuda when a GPU is visible, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise DeviceError(f"--device={name} is not a device name ({exc}); use auto, cpu or "
-                          "cuda[:N]") from None
-    if device.type not in ("cpu", "cuda"):
-        raise DeviceError(f"--device={name}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise DeviceError(f"--device={name} but no CUDA GPU is visible; use --device=cpu")
-        if device.index is not None and device.index >= count:
-            raise DeviceError(f"--device={name} but only {count} GPU(s) are visible "
-                              f"(cuda:0 to cuda:{count - 1})")
-    return device
-
-
-def unwrap(net):
-    """The CMAL module inside a DistributedDataParallel or torch.compile wrapper."""
-    net = getattr(net, "module", net)
-    return getattr(net, "_orig_mod", net)
-
-
-def compile_network(net):
-    """torch.compile for fixed input sizes: a new size recompiles instead of switching to
-    symbolic shapes (which this network's space-to-depth trips inductor with)."""
-    return torch.compile(net, dynamic=False)
-
-
-# How SGD updates and zeroes the parameters; the arithmetic is the same. loop: one operation per
-# parameter, as the reference; foreach: one per group and operation (the same bits on the CPU,
-# about 400 times fewer CUDA kernel launches in zero_grad and step); fused: one kernel per group.
-SGD_IMPLS = ("foreach", "fused", "loop")
-
-
-def make_optimizer(net, lr=0.002, backbone_lr=0.0002, momentum=0.9, weight_decay=5e-4,
-                   impl="foreach"):
-    """The reference SGD: eight groups, heads at `lr`, the backbone at `backbone_lr`."""
-    net = unwrap(net)
-    modules = [net.classifier_concat, net.conv_block1, net.classifier1, net.conv_block2,
-               net.classifier2, net.conv_block3, net.classifier3, net.Features]
-    optimizer = torch.optim.SGD([{"params": m.parameters()} for m in modules], lr=lr,
-                                **_sgd_flags(impl))
-    set_hyperparameters(optimizer, lr, backbone_lr, momentum, weight_decay)
-    return optimizer
-
-
-def _sgd_flags(impl):
-    if impl not in SGD_IMPLS:
-        raise ValueError(f"--sgd must be one of {', '.join(SGD_IMPLS)}, got {impl!r}")
-    return {"foreach": impl == "foreach", "fused": impl == "fused"}
-
-
-def load_optimizer_state(optimizer, state):
-    """optimizer.load_state_dict, keeping this run's SGD implementation (the saved groups
-    carry the one of the run that wrote them)."""
-    flags = [{k: g[k] for k in ("foreach", "fused")} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, kept in zip(optimizer.param_groups, flags):
-        group.update(kept)
-
-
-def set_hyperparameters(optimizer, lr, backbone_lr, momentum, weight_decay):
-    """Base learning rates (heads, then the backbone group last), momentum and weight decay."""
-    for i, group in enumerate(optimizer.param_groups):
-        base = backbone_lr if i == len(optimizer.param_groups) - 1 else lr
-        group.update(lr=base, base_lr=base, momentum=momentum, weight_decay=weight_decay)
-
-
-def zero_fill_grads(net):
-    """Give every parameter a zero gradient, as it has after any iteration (see train_step).
-
-    A resumed run needs it: a fresh process starts with None gradients, which the optimizer
-    would skip, so parameters outside the first pass's loss would miss one decay step.
-    """
-    for p in net.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-
-
-def set_learning_rates(optimizer, epoch, nb_epoch):
-    for group in optimizer.param_groups:
-        group["lr"] = cosine_anneal_schedule(epoch, nb_epoch, group["base_lr"])
 
 
 def attention_maps(net, outputs):

@@ -52,9 +52,8 @@ def check_output(path, inputs, overwrite, option):
 
 def load_model(path, device):
     """(model in eval mode, class names, settings) of a training checkpoint."""
-    import train  # late: train imports the whole training stack
     try:
-        return train.load_trained(path, device)
+        return ckpt_io.load_trained(path, device)
     except ckpt_io.CheckpointError as exc:
         raise ckpt_io.CheckpointError(f"cannot use checkpoint {path}: {exc}") from None
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from basic_conv import BasicConv
-from src.models import TResnetL_V2, load_tresnet_weights
+from src.models import TResnetL_V2, abn_kind_for, load_tresnet_weights
 
 
 class Features(nn.Module):
@@ -119,3 +119,24 @@ def build_cmal(num_classes, weights=None, mid_channels=512, feature_channels=102
         load_tresnet_weights(backbone, weights)
     return CMALNet(list(backbone.body.children()), num_classes, backbone.stage_channels,
                    mid_channels=mid_channels, feature_channels=feature_channels, hidden=hidden)
+
+
+def build_from_settings(cfg, device, weights=None):
+    """The CMAL-Net a run's settings describe, on `device` (its ABN chosen for that device and
+    --amp); `weights`: backbone weights for a new run."""
+    return build_cmal(cfg.num_classes, weights=weights or None, mid_channels=cfg.head_mid,
+                      feature_channels=cfg.head_features, hidden=cfg.head_hidden,
+                      layers=cfg.layers, width_factor=cfg.width_factor,
+                      abn=abn_kind_for(cfg.abn, device, amp=cfg.amp != "none")).to(device)
+
+
+def unwrap(net):
+    """The CMAL module inside a DistributedDataParallel or torch.compile wrapper."""
+    net = getattr(net, "module", net)
+    return getattr(net, "_orig_mod", net)
+
+
+def compile_network(net):
+    """torch.compile for fixed input sizes: a new size recompiles instead of switching to
+    symbolic shapes (which this network's space-to-depth trips inductor with)."""
+    return torch.compile(net, dynamic=False)

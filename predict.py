@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from engine import combined_scores, pick_device
+from distributed import pick_device
+from engine import combined_scores
 from errors import run_command
 from inference import (ToolError, batches, check_output, find_images, load_images, load_model,
                        tool_parser)

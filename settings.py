@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from data import CHECKS
-from engine import SGD_IMPLS
+from optimizer import SGD_IMPLS
 from errors import UserError
 from src.models import ABN_CHOICES
 

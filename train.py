@@ -20,15 +20,13 @@ import torch.nn as nn
 import checkpoint as ckpt_io
 import distributed as dist
 from data import build_loaders, mix_seed, shutdown_workers
-from engine import (NonFiniteError, compile_network, evaluate,
-                    load_optimizer_state, make_optimizer, new_epoch_stats, pick_device,
-                    reduce_stats, set_hyperparameters, summarise_train, train_one_epoch,
-                    zero_fill_grads)
 import settings
+from engine import NonFiniteError, evaluate, new_epoch_stats, reduce_stats, summarise_train, \
+    train_one_epoch
 from errors import run_command
-from settings import Settings
-from model import build_cmal
-from src.models import abn_kind_for, resolve_weights
+from model import build_from_settings, compile_network
+from optimizer import load_optimizer_state, make_optimizer, set_hyperparameters, zero_fill_grads
+from src.models import resolve_weights
 
 def should_evaluate(epoch, cfg):
     if epoch == cfg.epochs - 1:
@@ -87,22 +85,6 @@ class StopRequest:
         return dist.all_reduce_sum([float(local)])[0] > 0 if dist.is_distributed() else local
 
 
-def build_model(cfg, device, weights=None):
-    return build_cmal(cfg.num_classes, weights=weights or None, mid_channels=cfg.head_mid,
-                      feature_channels=cfg.head_features, hidden=cfg.head_hidden,
-                      layers=cfg.layers, width_factor=cfg.width_factor,
-                      abn=abn_kind_for(cfg.abn, device, amp=cfg.amp != "none")).to(device)
-
-
-def load_trained(path, device="cpu"):
-    """(model in eval mode, class names, settings) of a checkpoint written by a training run."""
-    ck = ckpt_io.load(path)
-    cfg = Settings.from_checkpoint(ck["settings"])
-    model = build_model(cfg, device)
-    ckpt_io.load_model_state(model, ck, path)
-    return model.eval(), ck["classes"], cfg
-
-
 def resume_path(cfg):
     """The checkpoint to continue from, or None for a fresh start."""
     if not cfg.resume:
@@ -117,32 +99,6 @@ def resume_path(cfg):
     if not path.is_file():
         raise ckpt_io.CheckpointError(f"--resume={path}: no such file")
     return path
-
-
-def setup_device(cfg):
-    """The device of this process, joining torchrun's process group when launched by it."""
-    device = pick_device(cfg.device)
-    if dist.launched_by_torchrun():
-        if device.type == "cuda":
-            dist.check_gpus_per_node()
-        local_rank = dist.init(device.type)
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
-        set_cuda_determinism(cfg.deterministic)
-    return device
-
-
-def set_cuda_determinism(deterministic):
-    """cuDNN autotuning for speed, or deterministic algorithms so that two runs with the same
-    seed end with the same weights (cuBLAS needs its workspace setting before its first use)."""
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # warn_only: an operation without a deterministic CUDA kernel is named in a warning instead
-    # of stopping the run.
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def restore(path, cfg, classes, model, optimizer, scaler):
@@ -193,7 +149,7 @@ def run(cfg):
     The output folder is checked and locked first, then the data scanned: a run that cannot
     save stops before any expensive work. Loader processes end with the run, however it ends.
     """
-    device = setup_device(cfg)
+    device = dist.setup_device(cfg)
     lock = None
     if not cfg.test_only and dist.is_main():
         lock = ckpt_io.RunLock(cfg.output_dir).acquire()
@@ -239,7 +195,7 @@ def _run(cfg, device, path, train_loader, test_loader, classes):
         if dist.is_main():  # one download, not one per process
             resolve_weights(cfg.weights)
         dist.barrier()
-    model = build_model(cfg, device, weights=None if path else cfg.weights)
+    model = build_from_settings(cfg, device, weights=None if path else cfg.weights)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay,
@@ -355,7 +311,7 @@ def _run(cfg, device, path, train_loader, test_loader, classes):
 def test_only(cfg, device, test_loader, criterion, amp_dtype):
     """Score a checkpoint (its own architecture settings) on cfg.data_path's test split."""
     path = Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else Path(cfg.output_dir) / "best.pt"
-    model, trained_classes, _ = load_trained(path, device)
+    model, trained_classes, _ = ckpt_io.load_trained(path, device)
     check_classes({"classes": trained_classes}, test_loader.dataset.classes, path)
     result = evaluate(model, test_loader, criterion, device, amp_dtype, cfg.channels_last,
                       progress=cfg.progress and dist.is_main())

@@ -12,15 +12,15 @@ import settings  # noqa: E402
 import train  # noqa: E402
 
 models = []
-original = train.build_model
+original = train.build_from_settings
 
 
-def build_model(*args, **kwargs):
+def build_from_settings(*args, **kwargs):
     models.append(original(*args, **kwargs))
     return models[-1]
 
 
-train.build_model = build_model
+train.build_from_settings = build_from_settings
 status = train.main(None, sys.argv[1:])
 cfg = settings.parse(None, sys.argv[1:])
 torch.save(models[-1].state_dict(), Path(cfg.output_dir) / f"rank{os.environ['RANK']}.pt")

@@ -14,7 +14,9 @@ import torch.nn as nn
 
 import checkpoint as ckpt_io
 import train
-from engine import compile_network, make_optimizer, train_step
+from engine import train_step
+from model import compile_network
+from optimizer import make_optimizer
 from model import build_cmal
 from src.models import inplace_abn_available
 from tests.conftest import TINY_ARGS, TINY_NET, make_image_folder

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import evaluate, make_optimizer, train_step
+from engine import evaluate, train_step
+from optimizer import make_optimizer
 from model import build_cmal
 from tests.conftest import TINY_NET
 from utils import attention_im, cosine_anneal_schedule, highlight_im, map_generate

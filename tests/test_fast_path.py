@@ -10,7 +10,8 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import distributed as dist
-from engine import load_optimizer_state, make_optimizer, train_step
+from engine import train_step
+from optimizer import load_optimizer_state, make_optimizer
 from model import build_cmal
 from src.models import NativeABN, PureABN, abn_kind, abn_kind_for
 from tests.conftest import TINY_NET

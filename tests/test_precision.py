@@ -7,7 +7,9 @@ import torch.nn as nn
 
 import checkpoint as ckpt_io
 import train
-from engine import compile_network, evaluate, make_optimizer, train_step
+from engine import evaluate, train_step
+from model import compile_network
+from optimizer import make_optimizer
 from model import build_cmal
 from tests.conftest import TINY_ARGS, TINY_NET
 
