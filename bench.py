@@ -124,7 +124,7 @@ def measure(args):
     net = net.to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    amp_dtype = settings.amp_dtype(args.amp)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     if args.channels_last:

@@ -12,7 +12,9 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -206,6 +208,72 @@ def load(path):
             f"{path} is not a CMAL-Net training checkpoint of this project (no '{FORMAT}' "
             "marker). To start from TResNet weights, pass them with --weights instead.")
     return ckpt
+
+
+@dataclass
+class RunState:
+    """What a run carries from epoch to epoch and saves in its checkpoints. `epoch`: the next
+    epoch to train (0-based); `stats`: the running sums of that epoch when it was interrupted
+    midway (None at an epoch boundary); `history`: one record per finished epoch."""
+    epoch: int = 0
+    stats: Optional[dict] = None
+    best_acc: float = 0.0
+    best_epoch: Optional[int] = None
+    history: list = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls)})
+
+
+class RunSaver:
+    """The files of a run in its output folder, as timm's CheckpointSaver keeps them: last.pt
+    (every epoch, and inside one on request), best.pt when the combined test accuracy improves,
+    and the logs rewritten from the history. Only the main process writes; every process calls
+    it, since refusing non-finite weights is a decision all of them take."""
+
+    def __init__(self, out_dir, model, optimizer, scaler, settings, classes, writes=True):
+        self.out_dir = Path(out_dir)
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.settings, self.classes, self.writes = settings, classes, writes
+
+    def start(self, state):
+        """A run (re)starts: leftovers of a killed write go, and the logs hold only the
+        epochs the checkpoint holds (not those of an epoch that did not finish saving)."""
+        if self.writes:
+            remove_partial_files(self.out_dir)
+            write_logs(self.out_dir, state.history)
+
+    def save(self, state, best=False):
+        """last.pt of `state`; a new best is written to best.pt first and last.pt made a link
+        to it, so that a crash in between leaves last.pt behind best.pt, never ahead of it."""
+        from engine import NonFiniteError
+        if not torch.stack([t.isfinite().all() for t in self.model.state_dict().values()
+                            if t.is_floating_point()]).all():
+            raise NonFiniteError(f"the weights hold NaN or infinite values at epoch "
+                                 f"{state.epoch + 1}; the run is stopped and no checkpoint was "
+                                 "written from this state. Lower --lr or prefer --amp=bf16.")
+        if not self.writes:
+            return
+        ckpt = {"format": FORMAT, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                **{f.name: getattr(state, f.name) for f in fields(state)},
+                "settings": self.settings.to_dict(), "classes": self.classes, "rng": rng_state()}
+        save(ckpt, self.out_dir / ("best.pt" if best else "last.pt"))
+        if best:
+            link_or_copy(self.out_dir / "best.pt", self.out_dir / "last.pt")
+
+    def end_epoch(self, state, best):
+        """The checkpoint and the logs of a finished epoch (`state` already past it)."""
+        self.save(state, best)
+        if self.writes:
+            write_logs(self.out_dir, state.history)
+
+
+def mid_epoch(state, epoch, stats):
+    """`state` as saved inside `epoch`, with its running sums `stats`."""
+    return replace(state, epoch=epoch, stats=stats)
 
 
 def load_trained(path, device="cpu"):

@@ -10,12 +10,19 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from data import CHECKS
 from optimizer import SGD_IMPLS
 from errors import UserError
 from src.models import ABN_CHOICES
 
 AMP_CHOICES = ("none", "bf16", "fp16")
+
+
+def amp_dtype(amp):
+    """The autocast dtype of an --amp setting (None: float32)."""
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 class SettingsError(UserError):

@@ -21,8 +21,7 @@ import checkpoint as ckpt_io
 import distributed as dist
 from data import build_loaders, mix_seed, shutdown_workers
 import settings
-from engine import NonFiniteError, evaluate, new_epoch_stats, reduce_stats, summarise_train, \
-    train_one_epoch
+from engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
 from errors import run_command
 from model import build_from_settings, compile_network
 from optimizer import load_optimizer_state, make_optimizer, set_hyperparameters, zero_fill_grads
@@ -102,7 +101,7 @@ def resume_path(cfg):
 
 
 def restore(path, cfg, classes, model, optimizer, scaler):
-    """Load a checkpoint into the run's objects; return the run state it holds."""
+    """Load a checkpoint into the run's objects; return the RunState it holds."""
     ck = ckpt_io.load(path)
     check_classes(ck, classes, path)
     ckpt_io.load_model_state(model, ck, path)
@@ -111,21 +110,21 @@ def restore(path, cfg, classes, model, optimizer, scaler):
     set_hyperparameters(optimizer, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
     if scaler is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
-    state = {k: ck[k] for k in RUN_STATE}
+    state = ckpt_io.RunState.from_checkpoint(ck)
     zero_fill_grads(model)
-    if state["stats"]:
+    if state.stats:
         saved = ck["settings"]
         if (saved["batch_size"], saved["seed"]) != (cfg.batch_size, cfg.seed):
             raise ckpt_io.CheckpointError(
-                f"{path} was saved inside epoch {state['epoch'] + 1} with --batch_size="
+                f"{path} was saved inside epoch {state.epoch + 1} with --batch_size="
                 f"{saved['batch_size']} --seed={saved['seed']}; the rest of that epoch needs "
                 "the same values to see the right images")
         ckpt_io.restore_rng(ck["rng"])
         if not dist.is_main():  # the saved sums cover all processes: count them once
-            state["stats"] = {**new_epoch_stats(), "position": state["stats"]["position"]}
-    log(f"resumed from {path}: epoch {state['epoch'] + 1}"
-        + (f", batch {state['stats']['position']}" if state["stats"] else "")
-        + f", best combined accuracy {state['best_acc']:.2f}%")
+            state.stats = {**new_epoch_stats(), "position": state.stats["position"]}
+    log(f"resumed from {path}: epoch {state.epoch + 1}"
+        + (f", batch {state.stats['position']}" if state.stats else "")
+        + f", best combined accuracy {state.best_acc:.2f}%")
     return state
 
 
@@ -136,11 +135,6 @@ def check_classes(ck, classes, path):
             f"{path} was trained on other classes than this data_path's"
             + (f" (not in both: {differ[:8]})" if differ else " (same names, another order)")
             + "; point --data_path at the dataset it was trained on")
-
-
-# What a run carries from epoch to epoch; stats: the running sums of an epoch interrupted
-# midway (None at an epoch boundary).
-RUN_STATE = {"epoch": 0, "stats": None, "best_acc": 0.0, "best_epoch": None, "history": []}
 
 
 def run(cfg):
@@ -185,131 +179,134 @@ def check_previous_run(cfg, path):
 
 def _run(cfg, device, path, train_loader, test_loader, classes):
     cfg.num_classes = cfg.num_classes or len(classes)
-    out_dir = Path(cfg.output_dir)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    criterion = nn.CrossEntropyLoss()
     if cfg.test_only:
-        return test_only(cfg, device, test_loader, criterion, amp_dtype)
-
+        return test_only(cfg, device, test_loader)
     if not path and cfg.weights:
         if dist.is_main():  # one download, not one per process
             resolve_weights(cfg.weights)
         dist.barrier()
-    model = build_from_settings(cfg, device, weights=None if path else cfg.weights)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay,
-                               cfg.sgd)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    state = restore(path, cfg, classes, model, optimizer, scaler) if path else \
-        {k: (list(v) if isinstance(v, list) else v) for k, v in RUN_STATE.items()}
-    if dist.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_io.remove_partial_files(out_dir)
-        ckpt_io.write_logs(out_dir, state["history"])  # drop records of an unfinished epoch
+    return Training(cfg, device, path, train_loader, test_loader, classes).fit()
 
-    net = model
-    if dist.is_distributed():
-        # Each of the five passes uses only part of the heads: the others get no gradient.
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)
-    if cfg.compile:
-        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_<user>")
-        log(f"--compile: the first iteration of each input size compiles the network (minutes "
-            f"on a GPU; the kernels are cached in {cache}, so later runs start faster)")
-        net = compile_network(net)
 
-    def checkpoint(epoch, stats, best=False):
-        """Write last.pt; a new best is written to best.pt first and last.pt made a link to it,
-        so that a crash in between leaves last.pt behind best.pt, never ahead of it.
+class Training:
+    """One training run: its network, optimizer, data, saver and state, from a fresh start or
+    from a checkpoint; `fit` trains the remaining epochs and decides how the run ends."""
 
-        Every process calls it: a mid-epoch checkpoint holds the epoch's sums over all of them.
-        """
-        if stats is not None:
-            stats = reduce_stats(stats)
-        if not torch.stack([t.isfinite().all() for t in model.state_dict().values()
-                            if t.is_floating_point()]).all():
-            raise NonFiniteError(f"the weights hold NaN or infinite values at epoch "
-                                     f"{epoch + 1}; the run is stopped and no checkpoint was "
-                                     "written from this state. Lower --lr or prefer --amp=bf16.")
-        if dist.is_main():
-            ckpt_io.save({"format": ckpt_io.FORMAT, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(),
-                          "scaler": scaler.state_dict() if scaler else None,
-                          "epoch": epoch, "stats": stats, "best_acc": state["best_acc"],
-                          "best_epoch": state["best_epoch"], "history": state["history"],
-                          "settings": cfg.to_dict(), "classes": classes,
-                          "rng": ckpt_io.rng_state()}, out_dir / ("best.pt" if best else "last.pt"))
-            if best:
-                ckpt_io.link_or_copy(out_dir / "best.pt", out_dir / "last.pt")
+    def __init__(self, cfg, device, path, train_loader, test_loader, classes):
+        self.cfg, self.device = cfg, device
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.amp_dtype = settings.amp_dtype(cfg.amp)
+        self.criterion = nn.CrossEntropyLoss()
+        model = build_from_settings(cfg, device, weights=None if path else cfg.weights)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum,
+                                        cfg.weight_decay, cfg.sgd)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        self.state = restore(path, cfg, classes, model, self.optimizer, self.scaler) if path \
+            else ckpt_io.RunState()
+        self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
+                                      classes, writes=dist.is_main())
+        self.saver.start(self.state)
+        self.net = self._wrap(model)
+        self.progress = cfg.progress and dist.is_main()
+        log(f"CMAL-Net: {len(train_loader.dataset)} train / {len(test_loader.dataset)} test "
+            f"images, {len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+            f"device {device}"
+            + (f" x {dist.world_size()} processes" if dist.is_distributed() else ""))
 
-    log(f"CMAL-Net: {len(train_loader.dataset)} train / {len(test_loader.dataset)} test images, "
-        f"{len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}, device {device}"
-        + (f" x {dist.world_size()} processes" if dist.is_distributed() else ""))
-    per_rank_batch = cfg.batch_size // dist.world_size()
-    progress = cfg.progress and dist.is_main()
-    with StopRequest() as stop:
-        for epoch in range(state["epoch"], cfg.epochs):
-            stats = state["stats"] or new_epoch_stats()
-            if not state["stats"]:
-                # Each epoch's crop choices depend on (seed, epoch) only, so that an epoch
-                # restarted after a crash repeats exactly.
-                torch.manual_seed(mix_seed(cfg.seed, epoch, 2))
-            train_loader.sampler.set_epoch(epoch, start=stats["position"] * per_rank_batch)
-            t0 = time.time()
+    def _wrap(self, model):
+        net = model
+        if dist.is_distributed():
+            # Each of the five passes uses only part of the heads: the others get no gradient.
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        if self.cfg.compile:
+            cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_<user>")
+            log(f"--compile: the first iteration of each input size compiles the network "
+                f"(minutes on a GPU; the kernels are cached in {cache}, so later runs start "
+                "faster)")
+            net = compile_network(net)
+        return net
 
-            def after_batch(stats, epoch=epoch):
-                if stop.requested():
-                    return True
-                if cfg.save_every and stats["position"] % cfg.save_every == 0:
-                    checkpoint(epoch, stats)
-                return False
+    def fit(self):
+        """Train to the last epoch or until a signal; the one place that says how the run
+        ended and returns its exit status."""
+        cfg, out_dir = self.cfg, Path(self.cfg.output_dir)
+        with StopRequest() as stop:
+            for epoch in range(self.state.epoch, cfg.epochs):
+                finished = self.epoch(epoch, stop)
+                if not finished or stop.requested():
+                    where = (f"at epoch {epoch + 1}, batch {self.state.stats['position']}"
+                             if not finished else f"after epoch {epoch + 1}")
+                    log(f"stopped by {stop.signal} {where}; {out_dir / 'last.pt'} is saved: "
+                        "continue with --resume")
+                    return 128 + signal.Signals[stop.signal].value
+        best = self.state
+        log(f"done: best combined test accuracy {best.best_acc:.2f}%"
+            + (f" at epoch {best.best_epoch + 1}" if best.best_epoch is not None else "")
+            + f"; checkpoints and logs in {out_dir}")
+        return 0
 
-            stats, finished = train_one_epoch(
-                net, optimizer, train_loader, criterion, device, epoch, cfg.epochs, stats=stats,
-                amp_dtype=amp_dtype, scaler=scaler, channels_last=cfg.channels_last,
-                after_batch=after_batch, progress=progress)
-            dist.broadcast_buffers(model)
-            test = None
-            if finished and should_evaluate(epoch, cfg):
-                # A signal during evaluation stops it: the epoch's training is saved below
-                # and the evaluation runs again on resume.
-                test = evaluate(net, test_loader, criterion, device, amp_dtype,
-                                cfg.channels_last, progress=progress,
-                                should_stop=lambda: stop.signal is not None)
-                finished = test is not None
-            if not finished:
-                checkpoint(epoch, stats)
-                log(f"stopped by {stop.signal} at epoch {epoch + 1}, batch {stats['position']}; "
-                    f"{out_dir / 'last.pt'} is saved: continue with --resume")
-                return 128 + signal.Signals[stop.signal].value
-            record = {"epoch": epoch, **summarise_train(stats),
-                      "lr": optimizer.param_groups[0]["lr"],
-                      "backbone_lr": optimizer.param_groups[-1]["lr"]}
-            if test is not None:
-                record["test"] = test
-            record["time"] = time.time() - t0
-            state["history"].append(record)
-            is_best = bool(record.get("test")) and record["test"]["acc_combined"] > state["best_acc"]
-            if is_best:
-                state["best_acc"], state["best_epoch"] = record["test"]["acc_combined"], epoch
-            state["stats"] = None
-            checkpoint(epoch + 1, None, best=is_best)
-            if dist.is_main():
-                ckpt_io.write_logs(out_dir, state["history"])
-            log(epoch_line(record, cfg, state["best_acc"]))
+    def epoch(self, epoch, stop):
+        """Train (the rest of) one epoch, evaluate it when due, and save; False when a signal
+        stopped it midway (its state is then saved as a mid-epoch checkpoint)."""
+        cfg, state = self.cfg, self.state
+        stats = state.stats or new_epoch_stats()
+        if not state.stats:
+            # Each epoch's crop choices depend on (seed, epoch) only, so that an epoch
+            # restarted after a crash repeats exactly.
+            torch.manual_seed(mix_seed(cfg.seed, epoch, 2))
+        per_rank_batch = cfg.batch_size // dist.world_size()
+        self.train_loader.sampler.set_epoch(epoch, start=stats["position"] * per_rank_batch)
+        t0 = time.time()
+
+        def after_batch(stats):
             if stop.requested():
-                log(f"stopped by {stop.signal} after epoch {epoch + 1}; continue with --resume")
-                return 128 + signal.Signals[stop.signal].value
-    log(f"done: best combined test accuracy {state['best_acc']:.2f}%"
-        + (f" at epoch {state['best_epoch'] + 1}" if state["best_epoch"] is not None else "")
-        + f"; checkpoints and logs in {out_dir}")
-    return 0
+                return True
+            if cfg.save_every and stats["position"] % cfg.save_every == 0:
+                self.saver.save(ckpt_io.mid_epoch(state, epoch, reduce_stats(stats)))
+            return False
+
+        stats, finished = train_one_epoch(
+            self.net, self.optimizer, self.train_loader, self.criterion, self.device, epoch,
+            cfg.epochs, stats=stats, amp_dtype=self.amp_dtype, scaler=self.scaler,
+            channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress)
+        dist.broadcast_buffers(self.model)
+        test = None
+        if finished and should_evaluate(epoch, cfg):
+            # A signal during evaluation stops it: the epoch's training is saved below and the
+            # evaluation runs again on resume.
+            test = evaluate(self.net, self.test_loader, self.criterion, self.device,
+                            self.amp_dtype, cfg.channels_last, progress=self.progress,
+                            should_stop=lambda: stop.signal is not None)
+            finished = test is not None
+        if not finished:
+            state.stats = reduce_stats(stats)
+            self.saver.save(ckpt_io.mid_epoch(state, epoch, state.stats))
+            return False
+        record = {"epoch": epoch, **summarise_train(stats),
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "backbone_lr": self.optimizer.param_groups[-1]["lr"]}
+        if test is not None:
+            record["test"] = test
+        record["time"] = time.time() - t0
+        state.history.append(record)
+        is_best = test is not None and test["acc_combined"] > state.best_acc
+        if is_best:
+            state.best_acc, state.best_epoch = test["acc_combined"], epoch
+        state.epoch, state.stats = epoch + 1, None
+        self.saver.end_epoch(state, best=is_best)
+        log(epoch_line(record, cfg, state.best_acc))
+        return True
 
 
-def test_only(cfg, device, test_loader, criterion, amp_dtype):
+def test_only(cfg, device, test_loader):
     """Score a checkpoint (its own architecture settings) on cfg.data_path's test split."""
+    amp_dtype = settings.amp_dtype(cfg.amp)
+    criterion = nn.CrossEntropyLoss()
     path = Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else Path(cfg.output_dir) / "best.pt"
     model, trained_classes, _ = ckpt_io.load_trained(path, device)
     check_classes({"classes": trained_classes}, test_loader.dataset.classes, path)
