@@ -252,7 +252,8 @@ def loader_benchmark(args):
             paths.append(f"{folder}/{i}.jpg")
             _photo_like(rng, width, height).save(paths[-1], quality=90)
         print(f"loader: {args.images} JPEGs of {width}x{height}, train transform to "
-              f"{args.image_size} px (resize {resize}), batch {args.batch_size}, {args.workers} workers")
+              f"{args.image_size} px (resize {resize}), batch {args.batch_size}, "
+              f"{args.workers} workers")
         rates = {}
         for name, draft in (("plain", None), ("fast_decode", resize)):
             ds = ImageDataset([(p, 0) for p in paths], ["x"], train_tf, draft_size=draft)

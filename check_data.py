@@ -4,8 +4,8 @@
 
 Checks the train/test class-folder layout, then decodes every image as training would. Prints
 each problem with the file at fault, every entry the scan skips (links that leave their class
-folder, link loops, files reached twice, FIFOs and other non-regular files), and a summary. Exit status 1 when training would stop
-(layout problems or unreadable images), 0 otherwise.
+folder, link loops, files reached twice, FIFOs and other non-regular files), and a summary.
+Exit status 1 when training would stop (layout problems or unreadable images), 0 otherwise.
 """
 import argparse
 import sys
@@ -13,7 +13,7 @@ from multiprocessing import Pool
 
 from PIL import Image
 
-from data import BadImageError, Layout, load_rgb
+from data import BadImageError, Layout, allow_images_up_to, load_rgb
 from errors import run_command
 
 
@@ -37,6 +37,7 @@ def main(argv=None):
                    help="report images with more pixels (decompression bombs), as training does")
     args = p.parse_args(argv)
 
+    allow_images_up_to(args.max_image_pixels)
     layout = Layout(args.data_path, args.num_classes)
     for problem in layout.problems:
         print(f"LAYOUT  {problem}")

@@ -94,21 +94,36 @@ def _open_image(path, max_pixels):
     if not stat.S_ISREG(mode):
         raise BadImageError(path, "not a regular file (a FIFO, device, socket or folder); only "
                                   "image files are read")
-    # PIL checks the pixel count at open() against a process-wide limit, warning above it and
-    # failing above twice it; both are turned into one error quoting the limit that was set.
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(path)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            # PIL's own guard, against a process-wide limit: it warns above Image.MAX_IMAGE_PIXELS
+            # and fails above twice it. Ours, below, applies --max_image_pixels.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise BadImageError(path, f"{size}, more than --max_image_pixels={max_pixels:,} (a "
-                                  "guard against decompression bombs); if the image is genuine, "
-                                  "raise --max_image_pixels") from None
+        raise _too_large(path, int(found.group(1)) if found else None, max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImageError(path, f"not a readable image ({exc})") from None
+    if img.width * img.height > max_pixels:
+        img.close()
+        raise _too_large(path, img.width * img.height, max_pixels)
+    return img
+
+
+def _too_large(path, pixels, max_pixels):
+    size = f"{pixels:,} pixels" if pixels else "too many pixels"
+    return BadImageError(path, f"{size}, more than --max_image_pixels={max_pixels:,} (a guard "
+                               "against decompression bombs); if the image is genuine, raise "
+                               "--max_image_pixels")
+
+
+def allow_images_up_to(max_pixels):
+    """Let PIL open images of up to `max_pixels` pixels (its guard fails above twice its
+    process-wide Image.MAX_IMAGE_PIXELS). Called once where a loader or tool is set up, never
+    per image; it only ever raises PIL's limit."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def class_folders(split_dir):
@@ -444,6 +459,7 @@ def _ignore_interrupts(worker_id):
 def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
     """Train and test loaders of cfg.data_path, checked first; also returns the class names."""
     classes, samples = check_layout(cfg.data_path, cfg.num_classes)
+    allow_images_up_to(cfg.max_image_pixels)
     # Before training, so that an unreadable file stops the run in its first seconds and not at
     # its batch, or for the test split after a whole epoch.
     samples = {split: check_images(samples[split], cfg.max_image_pixels, cfg.skip_bad_images,

@@ -13,7 +13,7 @@ import torch
 
 import checkpoint as ckpt_io
 from errors import UserError
-from data import BadImageError, build_transforms, is_image_file, load_rgb
+from data import BadImageError, allow_images_up_to, build_transforms, is_image_file, load_rgb
 
 class ToolError(UserError):
     """A failure the user can fix; the message is one line naming the file and what to do."""
@@ -53,7 +53,9 @@ def check_output(path, inputs, overwrite, option):
 def load_model(path, device):
     """(model in eval mode, class names, settings) of a training checkpoint."""
     try:
-        return ckpt_io.load_trained(path, device)
+        model, classes, cfg = ckpt_io.load_trained(path, device)
+        allow_images_up_to(cfg.max_image_pixels)
+        return model, classes, cfg
     except ckpt_io.CheckpointError as exc:
         raise ckpt_io.CheckpointError(f"cannot use checkpoint {path}: {exc}") from None
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from src.models import PureABN, TResnetL_V2, inplace_abn_available
-from src.models.abn import ABN, PURE_ABN_ENV
+from src.models.abn import ABN
 from tests.conftest import SMALL
 
 needs_inplace_abn = pytest.mark.skipif(not inplace_abn_available(),
@@ -79,17 +79,15 @@ def test_zero_weight_still_learns():
     assert torch.all(m.weight.grad != 0)
 
 
-def test_environment_variable_forces_pure(monkeypatch):
-    monkeypatch.setenv(PURE_ABN_ENV, "1")
-    assert isinstance(ABN(4), PureABN)
-    model = TResnetL_V2({"num_classes": 3, **SMALL})
+def test_kind_pure_builds_pure_everywhere():
+    assert isinstance(ABN(4, kind="pure"), PureABN)
+    model = TResnetL_V2({"num_classes": 3, **SMALL, "abn": "pure"})
     assert isinstance(model.body.conv1[1], PureABN)
 
 
 @needs_inplace_abn
-def test_default_is_inplace_abn_when_installed(monkeypatch):
+def test_default_is_inplace_abn_when_installed():
     from inplace_abn import InPlaceABN
-    monkeypatch.delenv(PURE_ABN_ENV, raising=False)
     assert isinstance(ABN(4), InPlaceABN)
 
 

@@ -3,9 +3,9 @@
 TResNet is built on `inplace_abn.InPlaceABN`, a compiled extension. `PureABN` and `NativeABN`
 compute the same function with ordinary PyTorch operations and the same parameter and buffer
 names, so weight files load into any of the three. Which one a network gets is its `abn` kind
-(ABN_KINDS); without one, InPlaceABN where it is importable (CMAL_PURE_ABN=1 forces PureABN).
+(ABN_KINDS, chosen by --abn through abn_kind_for); without one, InPlaceABN where it is
+importable.
 """
-import os
 import warnings
 
 import torch
@@ -29,7 +29,6 @@ else:
                 x = x.float()
             return super().forward(x.contiguous())
 
-PURE_ABN_ENV = "CMAL_PURE_ABN"
 _ACTIVATIONS = ("leaky_relu", "identity")
 _warned = False
 
@@ -181,11 +180,8 @@ def abn_kind_for(choice, device, amp=False):
 
 
 def default_abn_kind():
-    """InPlaceABN where it is importable, else the pure ABN (said once); CMAL_PURE_ABN=1 forces
-    the pure one."""
+    """InPlaceABN where it is importable, else the pure ABN (said once)."""
     global _warned
-    if os.environ.get(PURE_ABN_ENV, "0").lower() not in ("", "0", "false", "no"):
-        return "pure"
     if InPlaceABN is None:
         if not _warned:
             warnings.warn(f"inplace_abn is not importable ({_IMPORT_ERROR}); using the pure-PyTorch "
