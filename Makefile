@@ -1,12 +1,13 @@
 # make setup: .venv with requirements.txt and inplace-abn (once; later runs do nothing)
 # make test:  the test suite (the CUDA tests run where a GPU is visible)
+# make test-fast: the suite less the slowest tests (whole runs in subprocesses, torchrun, compile)
 # make demo:  train a small CMAL-Net on a generated fine-grained dataset, on the CPU
 # make bench: throughput and memory of one training iteration and of evaluation
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 setup: $(STAMP)
 
 $(STAMP): requirements.txt tools/setup.sh tools/build_inplace_abn.sh
@@ -15,6 +16,9 @@ $(STAMP): requirements.txt tools/setup.sh tools/build_inplace_abn.sh
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
 	$(PY) demo.py

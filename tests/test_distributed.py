@@ -13,6 +13,8 @@ import checkpoint as ckpt_io
 import train
 from tests.conftest import TINY_ARGS, make_image_folder
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ARGS = ["--num_classes=3", "--eval_every=1"] + TINY_ARGS

@@ -17,6 +17,8 @@ import torch
 import checkpoint as ckpt_io
 from tests.conftest import TINY_ARGS, make_image_folder
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 KILLER = Path(__file__).parent / "killer.py"
 RUN_ARGS = ["--num_classes=3", "--epochs=3", "--eval_every=1", "--save_every=2"] + TINY_ARGS
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

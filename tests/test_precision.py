@@ -68,6 +68,7 @@ def test_channels_last_equals_float32(abn_impl):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_eager():
     ref, net = _pair("pure")
     x, y = _batch()
