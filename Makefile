@@ -1,7 +1,7 @@
 # make setup: .venv with requirements.txt and inplace-abn (once; later runs do nothing)
 # make test:  the test suite (the CUDA tests run where a GPU is visible)
 # make test-fast: the suite less the slowest tests (whole runs in subprocesses, torchrun, compile)
-# make demo:  train a small CMAL-Net on a generated fine-grained dataset, on the CPU
+# make demo:  train a small CMAL-Net on a generated fine-grained dataset (a GPU when visible)
 # make bench: throughput and memory of one training iteration and of evaluation
 VENV ?= .venv
 PY := $(VENV)/bin/python
