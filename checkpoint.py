@@ -127,6 +127,9 @@ def _atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; the result should be readable as the user's umask says,
+        # as a plain open() would make it (colleagues on a shared server read checkpoints).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -135,6 +138,12 @@ def _atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save(obj, path):

@@ -308,3 +308,14 @@ def test_random_bytes_are_not_called_code(tmp_path, capsys):
     assert _train(data, tmp_path / "out", f"--resume={junk}") == 2
     err = capsys.readouterr().err
     assert "is not a PyTorch file" in err and "arbitrary code" not in err
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    before = os.umask(0o022)
+    try:
+        assert _train(data, tmp_path / "out", "--epochs=1") == 0
+    finally:
+        os.umask(before)
+    for name in ("last.pt", "best.pt", ckpt_io.JSON_LOG, ckpt_io.TRAIN_LOG):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
