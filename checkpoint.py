@@ -288,13 +288,21 @@ def mid_epoch(state, epoch, stats):
 def load_trained(path, device="cpu"):
     """(model in eval mode, class names, settings) of a checkpoint written by a training run:
     the network its settings describe, with its weights."""
-    from model import build_from_settings  # late: the model imports the whole backbone
-    from settings import Settings
     ck = load(path)
-    cfg = Settings.from_checkpoint(ck["settings"])
-    model = build_from_settings(cfg, device)
+    return model_of(ck, path, device), ck["classes"], _settings_of(ck)
+
+
+def model_of(ck, path, device="cpu"):
+    """The trained network of a loaded checkpoint `ck` (read from `path`), in eval mode."""
+    from model import build_from_settings  # late: the model imports the whole backbone
+    model = build_from_settings(_settings_of(ck), device)
     load_model_state(model, ck, path)
-    return model.eval(), ck["classes"], cfg
+    return model.eval()
+
+
+def _settings_of(ck):
+    from settings import Settings
+    return Settings.from_checkpoint(ck["settings"])
 
 
 def load_model_state(model, ckpt, path):

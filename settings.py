@@ -133,6 +133,9 @@ class Settings:
                            "differ slightly from the reference transform's, see README)",
         bare=True)
     progress: bool = _setting(True, parse_bool, "show progress bars", bare=True)
+    extend: bool = _setting(
+        False, parse_bool, "with --resume: continue a finished run to a larger --epochs (the "
+                           "cosine schedule is stretched over the new total)", bare=True)
 
     def to_dict(self):
         """Plain values (tuples as lists), as checkpoints store them."""
@@ -150,6 +153,60 @@ class Settings:
 
 
 NAMES = tuple(f.name for f in dataclasses.fields(Settings))
+
+# What a resumed run may change: where the data is and how it is read, where and how the run
+# runs and reports, how often it saves. Each leaves the function computed as it is (foreach and
+# loop SGD are the same arithmetic). Every other setting comes from the checkpoint.
+CHANGEABLE_ON_RESUME = frozenset({
+    "data_path", "workers", "device", "progress", "resume", "test_only", "overwrite", "extend",
+    "output_dir", "save_every", "check_images", "skip_bad_images", "max_image_pixels",
+    "test_batch_size", "deterministic", "sgd", "compile"})
+# What evaluating a checkpoint takes from it: the network and the images it was trained on.
+EVALUATED_AS_TRAINED = frozenset({
+    "num_classes", "layers", "width_factor", "head_mid", "head_features", "head_hidden",
+    "image_size", "resize"})
+
+
+def given_on_command_line(argv):
+    """The names of the settings an argv gives explicitly (not by default or a script's block)."""
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False,
+                                     argument_default=argparse.SUPPRESS)
+    add_arguments(parser)
+    for action in parser._actions:  # every default must be "not given"
+        action.default = argparse.SUPPRESS
+    namespace, _ = parser.parse_known_args(argv)
+    return set(vars(namespace))
+
+
+def from_checkpoint_for(cfg, saved, given, path, evaluation=False):
+    """`cfg` with the settings a checkpoint decides: all but CHANGEABLE_ON_RESUME when resuming,
+    EVALUATED_AS_TRAINED when evaluating. A command-line value that contradicts the checkpoint
+    is refused naming both; a default or script value is replaced, and named in the returned
+    notes. --epochs may grow with --extend once the run is finished."""
+    saved = Settings.from_checkpoint(saved)
+    decided = EVALUATED_AS_TRAINED if evaluation else set(NAMES) - CHANGEABLE_ON_RESUME
+    if not evaluation and cfg.extend:
+        decided = decided - {"epochs"}
+    conflicts, notes = [], []
+    for name in sorted(decided):
+        now, then = getattr(cfg, name), getattr(saved, name)
+        if now == then:
+            continue
+        if name in given:
+            conflicts.append(f"--{name}={_show(now)} (it was trained with {_show(then)})")
+        else:
+            notes.append(f"{name}={_show(then)}")
+    if conflicts:
+        hint = (" To train a finished run for more epochs, add --extend." if any(
+            c.startswith("--epochs=") for c in conflicts) else "")
+        raise SettingsError(f"{path} holds a run whose settings these options contradict: "
+                            + "; ".join(conflicts) + ". Leave them out to continue as it was "
+                            "trained, or start a new run in another --output_dir." + hint)
+    return dataclasses.replace(cfg, **{n: getattr(saved, n) for n in decided}), notes
+
+
+def _show(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
 def closest(name, prefix=""):

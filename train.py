@@ -100,9 +100,8 @@ def resume_path(cfg):
     return path
 
 
-def restore(path, cfg, classes, model, optimizer, scaler):
+def restore(ck, path, cfg, classes, model, optimizer, scaler):
     """Load a checkpoint into the run's objects; return the RunState it holds."""
-    ck = ckpt_io.load(path)
     check_classes(ck, classes, path)
     ckpt_io.load_model_state(model, ck, path)
     load_optimizer_state(optimizer, ck["optimizer"])
@@ -112,13 +111,7 @@ def restore(path, cfg, classes, model, optimizer, scaler):
         scaler.load_state_dict(ck["scaler"])
     state = ckpt_io.RunState.from_checkpoint(ck)
     zero_fill_grads(model)
-    if state.stats:
-        saved = ck["settings"]
-        if (saved["batch_size"], saved["seed"]) != (cfg.batch_size, cfg.seed):
-            raise ckpt_io.CheckpointError(
-                f"{path} was saved inside epoch {state.epoch + 1} with --batch_size="
-                f"{saved['batch_size']} --seed={saved['seed']}; the rest of that epoch needs "
-                "the same values to see the right images")
+    if state.stats:  # the batch size and seed are the checkpoint's (settings_of_checkpoint)
         ckpt_io.restore_rng(ck["rng"])
         if not dist.is_main():  # the saved sums cover all processes: count them once
             state.stats = {**new_epoch_stats(), "position": state.stats["position"]}
@@ -137,8 +130,9 @@ def check_classes(ck, classes, path):
             + "; point --data_path at the dataset it was trained on")
 
 
-def run(cfg):
-    """Train (or with --test_only evaluate) as `cfg` says; return the exit status.
+def run(cfg, given=frozenset()):
+    """Train (or with --test_only evaluate) as `cfg` says; return the exit status. `given`: the
+    settings named on the command line (a resumed run takes the others from its checkpoint).
 
     The output folder is checked and locked first, then the data scanned: a run that cannot
     save stops before any expensive work. Loader processes end with the run, however it ends.
@@ -148,19 +142,46 @@ def run(cfg):
     if not cfg.test_only and dist.is_main():
         lock = ckpt_io.RunLock(cfg.output_dir).acquire()
     try:
-        path = None if cfg.test_only else resume_path(cfg)
+        path = evaluated_path(cfg) if cfg.test_only else resume_path(cfg)
+        ck = ckpt_io.load(path) if path else None
+        if ck is not None:
+            cfg = settings_of_checkpoint(cfg, ck, given, path)
         if not cfg.test_only:
             check_previous_run(cfg, path)
         torch.manual_seed(cfg.seed)
         train_loader, test_loader, classes = build_loaders(cfg, dist.rank(), dist.world_size(),
                                                            pin_memory=device.type == "cuda")
         try:
-            return _run(cfg, device, path, train_loader, test_loader, classes)
+            return _run(cfg, device, path, ck, train_loader, test_loader, classes)
         finally:
             shutdown_workers(train_loader, test_loader)
     finally:
         if lock is not None:
             lock.release()
+
+
+def evaluated_path(cfg):
+    """The checkpoint --test_only scores: --resume=PATH, else output_dir/best.pt."""
+    return Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else \
+        Path(cfg.output_dir) / "best.pt"
+
+
+def settings_of_checkpoint(cfg, ck, given, path):
+    """The settings a resumed run or an evaluation takes from its checkpoint (see
+    settings.from_checkpoint_for), and --extend's conditions."""
+    cfg, notes = settings.from_checkpoint_for(cfg, ck["settings"], given, path, cfg.test_only)
+    if notes:
+        log(f"settings from {path}: " + ", ".join(notes))
+    if cfg.extend and not cfg.test_only:
+        trained = ck["settings"]["epochs"]
+        if ck["epoch"] < trained or ck["stats"]:
+            raise settings.SettingsError(
+                f"--extend continues a finished run, and {path} stopped in epoch "
+                f"{ck['epoch'] + 1} of {trained}: resume it without --extend first")
+        if cfg.epochs <= trained:
+            raise settings.SettingsError(f"--extend needs --epochs above the {trained} that "
+                                         f"{path} was trained for, got {cfg.epochs}")
+    return cfg
 
 
 def check_previous_run(cfg, path):
@@ -177,22 +198,22 @@ def check_previous_run(cfg, path):
     dist.barrier()
 
 
-def _run(cfg, device, path, train_loader, test_loader, classes):
+def _run(cfg, device, path, ck, train_loader, test_loader, classes):
     cfg.num_classes = cfg.num_classes or len(classes)
     if cfg.test_only:
-        return test_only(cfg, device, test_loader)
+        return test_only(cfg, device, ck, path, test_loader)
     if not path and cfg.weights:
         if dist.is_main():  # one download, not one per process
             resolve_weights(cfg.weights)
         dist.barrier()
-    return Training(cfg, device, path, train_loader, test_loader, classes).fit()
+    return Training(cfg, device, path, ck, train_loader, test_loader, classes).fit()
 
 
 class Training:
     """One training run: its network, optimizer, data, saver and state, from a fresh start or
     from a checkpoint; `fit` trains the remaining epochs and decides how the run ends."""
 
-    def __init__(self, cfg, device, path, train_loader, test_loader, classes):
+    def __init__(self, cfg, device, path, ck, train_loader, test_loader, classes):
         self.cfg, self.device = cfg, device
         self.train_loader, self.test_loader = train_loader, test_loader
         self.amp_dtype = settings.amp_dtype(cfg.amp)
@@ -204,8 +225,8 @@ class Training:
         self.optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum,
                                         cfg.weight_decay, cfg.sgd)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-        self.state = restore(path, cfg, classes, model, self.optimizer, self.scaler) if path \
-            else ckpt_io.RunState()
+        self.state = restore(ck, path, cfg, classes, model, self.optimizer, self.scaler) \
+            if ck is not None else ckpt_io.RunState()
         self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
                                       classes, writes=dist.is_main())
         self.saver.start(self.state)
@@ -303,14 +324,13 @@ class Training:
         return True
 
 
-def test_only(cfg, device, test_loader):
-    """Score a checkpoint (its own architecture settings) on cfg.data_path's test split."""
-    amp_dtype = settings.amp_dtype(cfg.amp)
-    criterion = nn.CrossEntropyLoss()
-    path = Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else Path(cfg.output_dir) / "best.pt"
-    model, trained_classes, _ = ckpt_io.load_trained(path, device)
-    check_classes({"classes": trained_classes}, test_loader.dataset.classes, path)
-    result = evaluate(model, test_loader, criterion, device, amp_dtype, cfg.channels_last,
+def test_only(cfg, device, ck, path, test_loader):
+    """Score a checkpoint on cfg.data_path's test split, with the network, image size and resize
+    it was trained with (cfg holds them already)."""
+    check_classes(ck, test_loader.dataset.classes, path)
+    model = ckpt_io.model_of(ck, path, device)
+    result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device,
+                      settings.amp_dtype(cfg.amp), cfg.channels_last,
                       progress=cfg.progress and dist.is_main())
     log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
         f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
@@ -322,11 +342,12 @@ def main(defaults=None, argv=None, description=None):
     """Entry point of every training script: parse settings, run, and turn known failures into
     one clear line and a non-zero exit status."""
     cfg = settings.parse(defaults, argv, description or __doc__.split("\n")[0])
+    given = settings.given_on_command_line(sys.argv[1:] if argv is None else argv)
     # A KeyboardInterrupt is a second Ctrl-C or SIGTERM (StopRequest), or one before it.
     stopped = (f"stopped at once; {Path(cfg.output_dir) / 'last.pt'} holds the last saved "
                "state, if any: continue with --resume")
     try:
-        return run_command(run, cfg, on_interrupt=lambda: stopped)
+        return run_command(run, cfg, given, on_interrupt=lambda: stopped)
     finally:
         dist.shutdown()
 

@@ -120,7 +120,8 @@ def _run(data, out, *extra):
 def test_checkpoint_moves_between_cuda_and_cpu(image_folder, tmp_path, first, second):
     out = tmp_path / "run"
     assert _run(image_folder, out, "--epochs=1", f"--device={first}") == 0
-    assert _run(image_folder, out, "--epochs=2", "--resume", f"--device={second}") == 0
+    assert _run(image_folder, out, "--epochs=2", "--extend", "--resume",
+                f"--device={second}") == 0
     ck = ckpt_io.load(out / "last.pt")
     assert ck["epoch"] == 2
     assert all(t.device.type == "cpu" for t in ck["model"].values())

@@ -90,7 +90,7 @@ def test_cli_options_train_and_resume(image_folder, tmp_path):
     assert train.main(base, args + ["--epochs=1"]) == 0
     ck = ckpt_io.load(out / "last.pt")
     assert ck["scaler"] and ck["scaler"]["scale"] > 0 and ck["settings"]["amp"] == "fp16"
-    assert train.main(base, args + ["--epochs=2", "--resume"]) == 0
+    assert train.main(base, args + ["--epochs=2", "--extend", "--resume"]) == 0
     assert ckpt_io.load(out / "last.pt")["epoch"] == 2
     out2 = tmp_path / "bf16"
     assert train.main({**base, "output_dir": str(out2)},

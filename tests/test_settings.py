@@ -75,3 +75,69 @@ def test_validation_names_every_problem(capsys):
     err = capsys.readouterr().err
     assert "--data_path is required" in err and "--image_size must be a multiple of 4" in err
     assert "--resize (20) must be at least" in err and "--lr cannot be negative" in err
+
+
+def test_given_on_command_line_sees_only_explicit_options():
+    given = settings.given_on_command_line(["--epochs=3", "--compile", "--resume", "--lr", "0.1"])
+    assert given == {"epochs", "compile", "resume", "lr"}
+
+
+# --- a checkpoint's settings win over defaults; a contradicting command line is refused ------
+
+def _tiny_run(tmp_path, *extra):
+    import train
+    from tests.conftest import TINY_ARGS, make_image_folder
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    assert train.main({"data_path": str(data), "output_dir": str(out)},
+                      TINY_ARGS + ["--epochs=1", "--eval_every=1", *extra]) == 0
+    return data, out
+
+
+def _bare(data, out, *argv):
+    """train.main with the defaults and only `argv`: nothing of the tiny run's settings."""
+    import train
+    return train.main({"data_path": str(data), "output_dir": str(out)},
+                      ["--device=cpu", "--progress=false", "--workers=0", *argv])
+
+
+def test_test_only_evaluates_at_the_trained_size(tmp_path, capsys):
+    import json
+    data, out = _tiny_run(tmp_path)
+    logged = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["test"]
+    capsys.readouterr()
+    # The defaults say 368 px and the TResNet-L-V2 widths; the checkpoint says 32 px, tiny.
+    assert _bare(data, out, "--test_only", f"--resume={out / 'last.pt'}") == 0
+    printed = capsys.readouterr().out
+    assert f"loss {logged['loss']:.4f} on 9 images" in printed
+    assert "image_size=32" in printed and "resize=36" in printed  # named, not silent
+    assert _bare(data, out, "--test_only", f"--resume={out / 'last.pt'}", "--image_size=64") == 2
+    assert "--image_size=64 (it was trained with 32)" in capsys.readouterr().err
+
+
+def test_resume_takes_the_checkpoints_settings_and_refuses_contradictions(tmp_path, capsys):
+    import checkpoint as ckpt_io
+    data, out = _tiny_run(tmp_path, "--lr=0.01")
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert _bare(data, out, "--resume", "--lr=0.05") == 2
+    err = capsys.readouterr().err
+    assert "--lr=0.05 (it was trained with 0.01)" in err and "Leave them out" in err
+    assert _bare(data, out, "--resume", "--epochs=2") == 2
+    err = capsys.readouterr().err
+    assert "--epochs=2 (it was trained with 1)" in err and "add --extend" in err
+    assert (out / "last.pt").read_bytes() == before
+    # --extend: a finished run continues to more epochs, everything else as it was trained.
+    assert _bare(data, out, "--resume", "--epochs=2", "--extend", "--workers=1") == 0
+    printed = capsys.readouterr().out
+    assert "settings from" in printed and "lr=0.01" in printed
+    ck = ckpt_io.load(out / "last.pt")
+    assert ck["epoch"] == 2 and ck["settings"]["lr"] == 0.01 and ck["settings"]["image_size"] == 32
+    assert ck["settings"]["workers"] == 1  # a safe change is taken
+
+
+def test_extend_needs_a_finished_run_and_more_epochs(tmp_path, capsys):
+    data, out = _tiny_run(tmp_path)
+    capsys.readouterr()
+    assert _bare(data, out, "--resume", "--epochs=1", "--extend") == 2
+    assert "--extend needs --epochs above the 1" in capsys.readouterr().err

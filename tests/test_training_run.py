@@ -146,13 +146,14 @@ def test_bad_checkpoints_give_clear_errors_and_change_nothing(image_folder, tmp_
         (f"--resume={tmp_path / 'truncated.pt'}", "truncated or corrupt"),
         (f"--resume={tmp_path / 'foreign.pt'}", "not a CMAL-Net training checkpoint"),
         (f"--resume={tmp_path / 'evil.pt'}", "could run arbitrary code"),
-        (f"--resume={tmp_path / 'o4' / 'last.pt'}", r"trained on other classes .*class_3"),
+        # Its 4 classes come with its settings, and the 3 class folders here do not match.
+        (f"--resume={tmp_path / 'o4' / 'last.pt'}", r"has 3 class folders but num_classes is 4"),
     ]
     for arg, message in cases:
-        assert run(image_folder, out, "--epochs=2", arg) == 2, arg
+        assert run(image_folder, out, "--epochs=2", "--extend", arg) == 2, arg
         assert re.search(message, capsys.readouterr().err), arg
-    assert run(image_folder, out, "--epochs=2", "--resume", "--width_factor=0.25") == 2
-    assert "shape mismatches" in capsys.readouterr().err
+    assert run(image_folder, out, "--epochs=2", "--extend", "--resume", "--width_factor=0.25") == 2
+    assert "--width_factor=0.25 (it was trained with 0.125)" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -170,9 +171,14 @@ def test_bad_backbone_weights_create_nothing(image_folder, tmp_path, capsys):
 def test_non_finite_loss_stops_without_touching_checkpoints(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(image_folder, out, "--epochs=1", "--eval_every=1") == 0
+    # As if it had been trained at a learning rate that diverges from the next epoch on.
+    ck = ckpt_io.load(out / "last.pt")
+    ck["settings"].update(lr=1e30, backbone_lr=1e30)
+    ckpt_io.save(ck, out / "last.pt")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert run(image_folder, out, "--epochs=3", "--resume", "--lr=1e30", "--backbone_lr=1e30",
-               "--save_every=1") == 2
+    args = [a for a in TINY_ARGS if not a.startswith(("--lr=", "--backbone_lr="))]
+    assert train.main({"data_path": str(image_folder), "num_classes": 3, "output_dir": str(out)},
+                      args + ["--epochs=3", "--extend", "--resume", "--save_every=1"]) == 2
     err = capsys.readouterr().err
     assert "non-finite training loss at epoch 2, batch 1" in err and "no checkpoint was written" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -183,7 +189,7 @@ def test_other_class_names_are_refused(image_folder, tmp_path, capsys):
     assert run(image_folder, out, "--epochs=1") == 0
     (image_folder / "train" / "class_2").rename(image_folder / "train" / "class_z")
     (image_folder / "test" / "class_2").rename(image_folder / "test" / "class_z")
-    assert run(image_folder, out, "--epochs=2", "--resume") == 2
+    assert run(image_folder, out, "--epochs=2", "--extend", "--resume") == 2
     assert "trained on other classes" in capsys.readouterr().err
     assert run(image_folder, out, "--test_only", f"--resume={out / 'last.pt'}") == 2
     assert "class_z" in capsys.readouterr().err
@@ -212,4 +218,4 @@ def test_mid_epoch_resume_needs_the_same_batches(image_folder, tmp_path, monkeyp
         _stop_after(m, 3)
         assert run(image_folder, out, "--epochs=2") == 143
     assert run(image_folder, out, "--epochs=2", "--resume", "--batch_size=2") == 2
-    assert "the same values" in capsys.readouterr().err
+    assert "--batch_size=2 (it was trained with 4)" in capsys.readouterr().err
