@@ -56,6 +56,8 @@ def pick_device(name):
 def setup_device(cfg):
     """The device of this process, joining torchrun's process group when launched by it."""
     device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if launched_by_torchrun():
         if device.type == "cuda":
             check_gpus_per_node()

@@ -38,6 +38,19 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_progress(text):
+    value = str(text).strip().lower()
+    return value if value == "auto" else str(parse_bool(value)).lower()
+
+
+def show_progress(cfg):
+    """Whether this process draws progress bars (--progress, and auto: on a terminal)."""
+    import sys
+    if cfg.progress == "auto":
+        return sys.stderr.isatty()
+    return cfg.progress == "true"
+
+
 def parse_layers(text):
     """'3,4,23,3' (or a sequence of four integers) -> (3, 4, 23, 3)."""
     parts = str(text).strip("()[] ").split(",") if isinstance(text, str) else list(text)
@@ -132,7 +145,13 @@ class Settings:
         False, parse_bool, "decode large JPEGs at a reduced scale (faster loading; the images "
                            "differ slightly from the reference transform's, see README)",
         bare=True)
-    progress: bool = _setting(True, parse_bool, "show progress bars", bare=True)
+    progress: str = _setting(
+        "auto", _parse_progress, "progress bars: auto (when the output is a terminal; otherwise "
+                                 "only the line per epoch, as in a log file), true or false",
+        bare="true")
+    threads: int = _setting(
+        0, int, "CPU threads of PyTorch in each process (0: PyTorch's choice, one per core; "
+                "fewer on a machine shared with other work)")
     extend: bool = _setting(
         False, parse_bool, "with --resume: continue a finished run to a larger --epochs (the "
                            "cosine schedule is stretched over the new total)", bare=True)
@@ -158,7 +177,8 @@ NAMES = tuple(f.name for f in dataclasses.fields(Settings))
 # runs and reports, how often it saves. Each leaves the function computed as it is (foreach and
 # loop SGD are the same arithmetic). Every other setting comes from the checkpoint.
 CHANGEABLE_ON_RESUME = frozenset({
-    "data_path", "workers", "device", "progress", "resume", "test_only", "overwrite", "extend",
+    "data_path", "workers", "device", "progress", "threads", "resume", "test_only", "overwrite",
+    "extend",
     "output_dir", "save_every", "check_images", "skip_bad_images", "max_image_pixels",
     "test_batch_size", "deterministic", "sgd", "compile"})
 # What evaluating a checkpoint takes from it: the network and the images it was trained on.

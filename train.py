@@ -231,7 +231,7 @@ class Training:
                                       classes, writes=dist.is_main())
         self.saver.start(self.state)
         self.net = self._wrap(model)
-        self.progress = cfg.progress and dist.is_main()
+        self.progress = settings.show_progress(cfg) and dist.is_main()
         log(f"CMAL-Net: {len(train_loader.dataset)} train / {len(test_loader.dataset)} test "
             f"images, {len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}, "
             f"device {device}"
@@ -331,7 +331,7 @@ def test_only(cfg, device, ck, path, test_loader):
     model = ckpt_io.model_of(ck, path, device)
     result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device,
                       settings.amp_dtype(cfg.amp), cfg.channels_last,
-                      progress=cfg.progress and dist.is_main())
+                      progress=settings.show_progress(cfg) and dist.is_main())
     log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
         f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
         f"{result['samples']} images")

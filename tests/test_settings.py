@@ -15,7 +15,7 @@ def test_defaults_then_block_then_command_line():
     cfg = settings.parse({"data_path": "d", "epochs": 7, "layers": "1,2,3,4"},
                          ["--epochs=9", "--compile", "--progress=false"])
     assert (cfg.data_path, cfg.epochs, cfg.layers) == ("d", 9, (1, 2, 3, 4))
-    assert cfg.compile is True and cfg.progress is False and cfg.lr == 0.002
+    assert cfg.compile is True and cfg.progress == "false" and cfg.lr == 0.002
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -141,3 +141,24 @@ def test_extend_needs_a_finished_run_and_more_epochs(tmp_path, capsys):
     capsys.readouterr()
     assert _bare(data, out, "--resume", "--epochs=1", "--extend") == 2
     assert "--extend needs --epochs above the 1" in capsys.readouterr().err
+
+
+def test_progress_bars_only_on_a_terminal_unless_forced(monkeypatch):
+    import sys
+    cfg = settings.parse({"data_path": "d"}, [])
+    assert cfg.progress == "auto"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not settings.show_progress(cfg)
+    assert settings.show_progress(settings.parse({"data_path": "d"}, ["--progress"]))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert settings.show_progress(cfg)
+    assert not settings.show_progress(settings.parse({"data_path": "d"}, ["--progress=false"]))
+
+
+def test_threads_setting_sets_torch_threads(monkeypatch):
+    import torch
+    import distributed as dist
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    dist.setup_device(settings.parse({"data_path": "d"}, ["--device=cpu", "--threads=1"]))
+    assert calls == [1]
