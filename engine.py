@@ -119,7 +119,7 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
     """
     net.train()
     stats = stats or new_epoch_stats()
-    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
+    bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
                disable=not progress)
     for inputs, targets, skipped in bar:
         stats["position"] += 1
