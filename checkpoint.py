@@ -26,6 +26,8 @@ FORMAT = "cmal-checkpoint-1"
 TRAIN_LOG = "results_train.txt"
 TEST_LOG = "results_test.txt"
 JSON_LOG = "log.jsonl"
+SUMMARY = "summary.csv"
+SETTINGS_FILE = "settings.json"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -36,7 +38,7 @@ class OutputDirError(CheckpointError):
     """An output folder that cannot take this run: not a folder, not writable, or in use."""
 
 
-RUN_FILES = ("last.pt", "best.pt", TRAIN_LOG, TEST_LOG, JSON_LOG)
+RUN_FILES = ("last.pt", "best.pt", TRAIN_LOG, TEST_LOG, JSON_LOG, SUMMARY, SETTINGS_FILE)
 LOCK_NAME = ".run.lock"
 
 
@@ -251,6 +253,8 @@ class RunSaver:
         epochs the checkpoint holds (not those of an epoch that did not finish saving)."""
         if self.writes:
             remove_partial_files(self.out_dir)
+            write_text(self.out_dir / SETTINGS_FILE,
+                       json.dumps(self.settings.to_dict(), indent=2, sort_keys=True) + "\n")
             write_logs(self.out_dir, state.history)
 
     def save(self, state, best=False):
@@ -328,9 +332,33 @@ def test_line(r):
         r["epoch"], r["test"]["acc_combined"], r["test"]["loss"])
 
 
+# summary.csv: timm's columns where they apply, then the paper's three test accuracies; one row
+# per epoch, numbered from 1; the test cells are empty on epochs that were not evaluated.
+SUMMARY_COLUMNS = ("epoch", "train_loss", "train_acc", "eval_loss", "eval_acc_concat",
+                   "eval_acc_com2", "eval_acc_combined", "lr", "backbone_lr", "time")
+
+
+def summary_csv(history):
+    import csv
+    import io
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    for r in history:
+        t = r.get("test") or {}
+        writer.writerow([r["epoch"] + 1, f"{r['train_loss']:.6f}", f"{r['train_acc']:.4f}",
+                         *(f"{t[k]:.6f}" if k in t else "" for k in ("loss", "acc_concat",
+                                                                       "acc_com2",
+                                                                       "acc_combined")),
+                         f"{r['lr']:.6g}", f"{r['backbone_lr']:.6g}", f"{r['time']:.1f}"])
+    return out.getvalue()
+
+
 def write_logs(out_dir, history):
-    """results_train.txt and results_test.txt in the reference formats, and log.jsonl."""
+    """results_train.txt and results_test.txt in the reference formats (epochs from 0, as the
+    reference numbers them), log.jsonl and summary.csv."""
     out_dir = Path(out_dir)
     write_text(out_dir / TRAIN_LOG, "".join(train_line(r) for r in history))
     write_text(out_dir / TEST_LOG, "".join(test_line(r) for r in history if r.get("test")))
     write_text(out_dir / JSON_LOG, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+    write_text(out_dir / SUMMARY, summary_csv(history))

@@ -319,3 +319,20 @@ def test_run_files_follow_the_umask(tmp_path):
         os.umask(before)
     for name in ("last.pt", "best.pt", ckpt_io.JSON_LOG, ckpt_io.TRAIN_LOG):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_run_folder_holds_its_settings_and_a_summary(tmp_path):
+    import csv
+    import json
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    assert _train(data, out, "--epochs=2", "--eval_every=2") == 0
+    saved = json.loads((out / ckpt_io.SETTINGS_FILE).read_text())
+    assert saved["image_size"] == 32 and saved["layers"] == [1, 1, 1, 1]
+    rows = list(csv.DictReader((out / ckpt_io.SUMMARY).open()))
+    records = [json.loads(line) for line in (out / ckpt_io.JSON_LOG).read_text().splitlines()]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert rows[0]["eval_acc_combined"] == ""  # epoch 1 was not evaluated
+    assert float(rows[1]["eval_acc_combined"]) == pytest.approx(
+        records[1]["test"]["acc_combined"], abs=1e-6)
+    assert float(rows[1]["train_loss"]) == pytest.approx(records[1]["train_loss"], abs=1e-6)
