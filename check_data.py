@@ -27,8 +27,9 @@ def _inspect(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("data_path")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data_path", help="dataset root holding train/<class>/ and test/<class>/")
     p.add_argument("--num_classes", type=int, default=None,
                    help="expected number of classes (default: whatever the folders hold)")
     p.add_argument("--workers", type=int, default=4, help="decoding processes")

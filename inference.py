@@ -13,6 +13,7 @@ import torch
 
 import checkpoint as ckpt_io
 from errors import UserError
+from settings import parse_bool
 from data import BadImageError, allow_images_up_to, build_transforms, is_image_file, load_rgb
 
 class ToolError(UserError):
@@ -21,15 +22,15 @@ class ToolError(UserError):
 
 def tool_parser(description):
     """The arguments every tool on a trained model takes: checkpoint, images, device, skipping."""
-    p = argparse.ArgumentParser(description=description,
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="last.pt or best.pt of a training run")
     p.add_argument("images", help="an image file, or a folder searched recursively for images")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when "
                                                     "available)")
-    p.add_argument("--skip_bad_images", action="store_true",
+    p.add_argument("--skip_bad_images", type=parse_bool, nargs="?", const=True, default=False,
                    help="skip unreadable images with a warning instead of stopping")
-    p.add_argument("--overwrite", action="store_true",
+    p.add_argument("--overwrite", type=parse_bool, nargs="?", const=True, default=False,
                    help="replace output files that already exist (never the checkpoint or an "
                         "input image)")
     return p

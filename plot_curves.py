@@ -21,6 +21,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 from checkpoint import JSON_LOG as LOG_NAME
 from checkpoint import RUN_FILES
 from errors import run_command
+from settings import parse_bool
 from inference import ToolError, check_output
 
 TRAIN_LOSSES = ("train_loss", "loss1", "loss2", "loss3", "loss_att", "loss_concat")
@@ -30,12 +31,13 @@ TEST_ACCURACIES = (("acc_concat", "test concat"), ("acc_com2", "test com2"),
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Draw train and test accuracy (concat, com2, combined) and the training and "
                     "test losses of a run against the epoch, from its log.jsonl.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="a run's output_dir (holding log.jsonl) or the log.jsonl itself")
     p.add_argument("--out", default="curves.png", help="PNG file to write")
-    p.add_argument("--overwrite", action="store_true",
+    p.add_argument("--overwrite", type=parse_bool, nargs="?", const=True, default=False,
                    help="replace --out if it exists (never the run's own files)")
     return p.parse_args(argv)
 

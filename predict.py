@@ -1,6 +1,6 @@
 """Classify images with a trained CMAL-Net: the top-k classes of each image by its combined score.
 
-    python predict.py CHECKPOINT IMAGE_OR_FOLDER [--topk 5] [--csv FILE] [--batch 8]
+    python predict.py CHECKPOINT IMAGE_OR_FOLDER [--topk 5] [--csv FILE] [--batch_size 8]
 
 The score is the softmax of the combined logits: the four logits of the raw pass plus the four
 of the pass on the joint attention crop, which is what evaluation ranks by (its "combined"
@@ -30,12 +30,12 @@ def parse_args(argv):
     p.add_argument("--csv", default=None,
                    help="also write the results to this CSV file (columns path, rank, class, "
                         "score; k rows per image)")
-    p.add_argument("--batch", type=int, default=8, help="images per forward pass")
+    p.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
     args = p.parse_args(argv)
     if args.topk < 1:
         p.error(f"--topk must be at least 1, got {args.topk}")
-    if args.batch < 1:
-        p.error(f"--batch must be at least 1, got {args.batch}")
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     return args
 
 
@@ -72,7 +72,7 @@ def run(args):
             writer.writerow(["path", "rank", "class", "score"])
         width = max(len(c) for c in classes)
         count = 0
-        for path, ranked in predict(model, cfg, paths, args.batch, topk, args.skip_bad_images):
+        for path, ranked in predict(model, cfg, paths, args.batch_size, topk, args.skip_bad_images):
             count += 1
             print(path)
             for rank, (index, score) in enumerate(ranked, start=1):

@@ -2,7 +2,7 @@
 
     python prepare_data.py aircraft SRC OUT [--copy]
     python prepare_data.py cars     SRC OUT [--copy]
-    python prepare_data.py food11   SRC OUT [--copy] [--validation-to {train,test,skip}]
+    python prepare_data.py food11   SRC OUT [--copy] [--validation_to {train,test,skip}]
 
 OUT receives train/<class>/<image> and test/<class>/<image>, with the same class folders in both
 splits. The source is only read. Files are hard links to the source by default (symbolic links,
@@ -292,7 +292,7 @@ def plan_food11(src, args):
     src = find_food11_root(src, splits)
     missing = [src / folder for folder in splits if not (src / folder).is_dir()]
     if missing:
-        hint = (" (or pass --validation-to skip)" if src / "validation" in missing else "")
+        hint = (" (or pass --validation_to skip)" if src / "validation" in missing else "")
         raise PrepareError(f"missing Food-11 folder: {some(missing)}{hint}")
     items = []
     for folder, split in splits.items():
@@ -457,7 +457,7 @@ sources (SRC):
             devkit/cars_train_annos.mat and cars_test_annos_withlabels.mat (top level or devkit/);
             or folders per class: train/<class>/ and test/<class>/ (also under car_data/car_data/).
   food11    the folder holding training/ (-> train), validation/ (-> train by default, see
-            --validation-to) and evaluation/ (-> test), each holding <class index>_<n>.jpg files
+            --validation_to) and evaluation/ (-> test), each holding <class index>_<n>.jpg files
             or one folder per class. Validation files get a "validation_" prefix.
 
 Class names that contain '/' become folder names with '_' (e.g. F/A-18 -> F_A-18).
@@ -466,12 +466,13 @@ OUT must not exist or be empty. Files that are not images (by extension) are not
 examples:
   python prepare_data.py aircraft ~/Downloads/fgvc-aircraft-2013b data/Aircraft
   python prepare_data.py cars ~/Downloads/stanford_cars data/Stanford_Cars
-  python prepare_data.py food11 ~/Downloads/Food-11 data/Food-11 --validation-to train
+  python prepare_data.py food11 ~/Downloads/Food-11 data/Food-11 --validation_to train
 """
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Convert a dataset download into OUT/train/<class>/<image> and\n"
                     "OUT/test/<class>/<image>, the layout the training scripts read.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -483,9 +484,9 @@ def parse_args(argv):
                    help="copy the images instead of hard-linking them to the source (by default "
                         "hard links, or symbolic links, then copies, where linking fails; "
                         "aircraft images are always new files)")
-    p.add_argument("--validation-to", choices=("train", "test", "skip"), default="train",
+    p.add_argument("--validation_to", choices=("train", "test", "skip"), default="train",
                    help="food11 only: where the validation images go (default: train)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads writing images (default: number of CPUs)")
     return p.parse_args(argv)
 
@@ -509,7 +510,7 @@ def convert(dataset, args):
     items = dataset.plan(args.src, args)
     check_items(items)
     print(f"{dataset.title}: writing {len(items)} images to {args.out}", flush=True)
-    how = build(items, args.out, dataset.crop, not args.copy, args.workers)
+    how = build(items, args.out, dataset.crop, not args.copy, args.threads)
     print(summary(items, args.out))
     print("files: " + ", ".join(f"{n} {kind}" for kind, n in how.items()))
     found = len({i.label for i in items})

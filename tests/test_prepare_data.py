@@ -175,7 +175,7 @@ def test_aircraft_accepts_the_folder_or_its_data_subfolder(tmp_path, capsys, giv
 
 def test_aircraft_banner_is_cut_off_and_the_top_kept(tmp_path, capsys):
     src = make_aircraft(tmp_path / "dl")
-    assert run(capsys, "aircraft", src, tmp_path / "out", "--workers", "2")[0] == 0
+    assert run(capsys, "aircraft", src, tmp_path / "out", "--threads", "2")[0] == 0
     source = src / "data" / "images" / "0062765.jpg"
     result = tmp_path / "out" / "train" / "F_A-18" / "0062765.jpg"
     with Image.open(source) as a, Image.open(result) as b:
@@ -291,7 +291,7 @@ def test_cars_class_folders_mirror_is_taken_as_is(tmp_path, capsys):
                                                     ("test", 33, 33), ("skip", 33, 11)])
 def test_food11_validation_option(tmp_path, capsys, where, n_train, n_test):
     src = make_food11_flat(tmp_path / "dl")
-    extra = [] if where is None else ["--validation-to", where]
+    extra = [] if where is None else ["--validation_to", where]
     code, _, _ = run(capsys, "food11", src, tmp_path / "out", *extra)
     out = tmp_path / "out"
     assert code == 0
@@ -333,8 +333,8 @@ def test_food11_missing_validation_suggests_skipping_it(tmp_path, capsys):
         f.unlink()
     (src / "validation").rmdir()
     code, _, err = run(capsys, "food11", src, tmp_path / "out")
-    assert code != 0 and "validation" in err and "--validation-to skip" in err
-    assert run(capsys, "food11", src, tmp_path / "out", "--validation-to", "skip")[0] == 0
+    assert code != 0 and "validation" in err and "--validation_to skip" in err
+    assert run(capsys, "food11", src, tmp_path / "out", "--validation_to", "skip")[0] == 0
 
 
 # ---- links, copies and the source --------------------------------------------------------------
@@ -437,7 +437,7 @@ def test_classes_differing_between_train_and_test_are_refused(tmp_path, capsys):
 def test_failure_while_writing_leaves_no_output(tmp_path, capsys):
     src = make_aircraft(tmp_path / "dl")
     (src / "data" / "images" / "0001702.jpg").write_bytes(b"not a jpeg")
-    code, _, err = run(capsys, "aircraft", src, tmp_path / "out", "--workers", "1")
+    code, _, err = run(capsys, "aircraft", src, tmp_path / "out", "--threads", "1")
     assert code != 0 and "0001702.jpg" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dl"]  # no OUT, no partial folder
 
@@ -459,7 +459,7 @@ def test_command_line_help_and_user_error_without_traceback(tmp_path):
     helped = cli("--help")
     assert helped.returncode == 0
     assert all(word in helped.stdout for word in ("aircraft", "cars", "food11", "--copy",
-                                                   "--validation-to", "train/<class>"))
+                                                   "--validation_to", "train/<class>"))
     (tmp_path / "empty").mkdir()
     refused = cli("aircraft", tmp_path / "empty", tmp_path / "out")
     assert refused.returncode == 2 and refused.stderr.startswith("error: ")

@@ -162,3 +162,26 @@ def test_threads_setting_sets_torch_threads(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     dist.setup_device(settings.parse({"data_path": "d"}, ["--device=cpu", "--threads=1"]))
     assert calls == [1]
+
+
+def test_tools_spell_options_as_train_does(capsys):
+    import check_data
+    import plot_curves
+    import predict
+    args = predict.parse_args(["ck.pt", "img.jpg", "--skip_bad_images=true", "--batch_size=2"])
+    assert args.skip_bad_images is True and args.batch_size == 2
+    for parse, argv in ((predict.parse_args, ["ck.pt", "img.jpg", "--top=3"]),
+                        (plot_curves.parse_args, ["run", "--ou=x.png"]),
+                        (check_data.main, ["data", "--num=3"])):
+        with pytest.raises(SystemExit) as exc:  # no prefix matching anywhere
+            parse(argv)
+        assert exc.value.code == 2
+    # Every option has help text, with its default shown.
+    assert check_data_help(capsys).count("(default:") == 4
+
+
+def check_data_help(capsys):
+    import check_data
+    with pytest.raises(SystemExit):
+        check_data.main(["--help"])
+    return capsys.readouterr().out

@@ -78,7 +78,7 @@ def test_predict_top_k_and_csv_match_the_combined_score(run_dir, data_dir, tmp_p
     ckpt = run_dir / "best.pt"
     table = tmp_path / "pred.csv"
     assert predict.main([str(ckpt), str(data_dir / "test"), "--topk=2", f"--csv={table}",
-                         "--batch=4", "--device=cpu"]) == 0
+                         "--batch_size=4", "--device=cpu"]) == 0
     printed = parse_printed(capsys.readouterr().out)
     paths = images_of(data_dir)
     assert list(printed) == [str(p) for p in paths]  # recursive, sorted, 9 images
@@ -109,7 +109,7 @@ def test_predict_batches_give_the_same_result_as_single_images(run_dir, data_dir
     for batch in (1, 4):  # 9 images: batches of 4, 4 and 1
         table = tmp_path / f"b{batch}.csv"
         assert predict.main([str(run_dir / "last.pt"), str(data_dir / "test"), "--topk=3",
-                             f"--csv={table}", f"--batch={batch}", "--device=cpu"]) == 0
+                             f"--csv={table}", f"--batch_size={batch}", "--device=cpu"]) == 0
         results[batch] = read_csv(table)
     assert [r[:3] for r in results[1]] == [r[:3] for r in results[4]]
     for a, b in zip(results[1], results[4]):
