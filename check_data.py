@@ -31,7 +31,7 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data_path", help="dataset root holding train/<class>/ and test/<class>/")
     p.add_argument("--num_classes", type=int, default=None,
-                   help="expected number of classes (default: whatever the folders hold)")
+                   help="expected number of classes (none: whatever the folders hold)")
     p.add_argument("--workers", type=int, default=4, help="decoding processes")
     p.add_argument("--image_size", type=int, default=368, help="report images smaller than this")
     p.add_argument("--max_image_pixels", type=int, default=Image.MAX_IMAGE_PIXELS,
