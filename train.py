@@ -4,9 +4,9 @@
     torchrun --nproc_per_node=K train.py ...        (several GPUs, or CPU processes)
 
 The dataset scripts (train_Stanford_Cars_TResNet_L.py, ...) call main() with their own defaults;
-`--help` lists every setting. A run writes into output_dir: last.pt (every epoch), best.pt (best
-combined test accuracy), results_train.txt / results_test.txt (the reference's formats) and
-log.jsonl (one JSON record per epoch).
+`--help` lists every setting (settings.py). A run writes into output_dir: last.pt (every epoch),
+best.pt (best combined test accuracy), results_train.txt / results_test.txt (the reference's
+formats), log.jsonl (one JSON record per epoch), summary.csv and settings.json.
 """
 import os
 import signal
@@ -19,13 +19,14 @@ import torch.nn as nn
 
 import checkpoint as ckpt_io
 import distributed as dist
-from data import build_loaders, mix_seed, shutdown_workers
 import settings
+from data import build_loaders, mix_seed, shutdown_workers
 from engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
 from errors import run_command
 from model import build_from_settings, compile_network
 from optimizer import load_optimizer_state, make_optimizer, set_hyperparameters, zero_fill_grads
 from src.models import resolve_weights
+
 
 def should_evaluate(epoch, cfg):
     if epoch == cfg.epochs - 1:
