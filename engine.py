@@ -200,18 +200,24 @@ def combined_scores(model, inputs):
 
 @torch.no_grad()
 def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=False,
-             progress=False, should_stop=None):
+             progress=False, should_stop=None, num_classes=None, flip=False):
     """Spec section 5: the raw pass, the joint attention crop pass, and three accuracies.
 
     Returns acc_concat (the concatenation head alone), acc_com2 (the four raw logits summed),
     acc_combined (those plus the four crop logits: the headline number), in percent, and loss
     (cross entropy of the concatenation head, averaged over samples). Returns None when
     `should_stop()` (checked per batch, in this process only) asked to stop on any process.
+
+    Beyond the paper's protocol: with `num_classes`, also the top-5 accuracy of the combined
+    score and its confusion matrix (rows: true class, columns: predicted); with `flip`, the
+    combined accuracy of the image and its mirror image scored together (acc_combined_flip).
     """
     model = unwrap(net)  # no DDP wrapper: ranks may hold different numbers of test batches
     model.eval()
     device = device or next(model.parameters()).device
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # concat, com2, com, loss, n
+    # correct: concat, com2, combined; loss sum; samples; correct: top-5, flipped
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
+    confusion = torch.zeros((num_classes or 0) ** 2, dtype=torch.float64, device=device)
     stopped = False
     for inputs, targets, _ in tqdm(loader, desc="test", leave=False, dynamic_ncols=True,
                                    disable=not progress):
@@ -228,15 +234,33 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
             s = combined_scores(model, inputs)
         concat = s.heads[3]
         loss = criterion(concat, targets) * len(targets)
+        top5 = flipped = sums.new_tensor(0.0)
+        if num_classes:
+            predicted = s.com.argmax(1)
+            confusion += torch.bincount(targets * num_classes + predicted,
+                                        minlength=num_classes ** 2).double()
+            best5 = s.com.topk(min(5, num_classes), 1).indices
+            top5 = (best5 == targets[:, None]).any(1).sum().double()
+        if flip:
+            with _autocast(device, amp_dtype):
+                mirrored = combined_scores(model, inputs.flip(3))
+            flipped = ((s.com + mirrored.com).argmax(1) == targets).sum().double()
         sums += torch.stack([(concat.argmax(1) == targets).sum().double(),
                              (s.com2.argmax(1) == targets).sum().double(),
                              (s.com.argmax(1) == targets).sum().double(),
-                             loss.double(), sums.new_tensor(len(targets))])
+                             loss.double(), sums.new_tensor(len(targets)), top5, flipped])
     # Ranks hold different numbers of test batches: agree on stopping only after the loop.
-    *totals, stopped = dist.all_reduce_sum(sums.tolist() + [float(stopped)])
+    *totals, stopped = dist.all_reduce_sum(sums.tolist() + confusion.tolist() + [float(stopped)])
     if stopped:
         return None
-    correct_concat, correct_com2, correct_com, loss_sum, n = totals
+    correct_concat, correct_com2, correct_com, loss_sum, n, top5, flipped = totals[:7]
     n = max(n, 1)
-    return {"acc_concat": 100.0 * correct_concat / n, "acc_com2": 100.0 * correct_com2 / n,
-            "acc_combined": 100.0 * correct_com / n, "loss": loss_sum / n, "samples": int(n)}
+    result = {"acc_concat": 100.0 * correct_concat / n, "acc_com2": 100.0 * correct_com2 / n,
+              "acc_combined": 100.0 * correct_com / n, "loss": loss_sum / n, "samples": int(n)}
+    if num_classes:
+        counts = torch.tensor(totals[7:]).view(num_classes, num_classes)
+        result["acc_top5_combined"] = 100.0 * top5 / n
+        result["confusion"] = counts.long().tolist()
+    if flip:
+        result["acc_combined_flip"] = 100.0 * flipped / n
+    return result

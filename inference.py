@@ -111,3 +111,65 @@ def load_images(paths, cfg, skip_bad=False):
 def batches(items, size):
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+# Above this many classes a confusion matrix picture is unreadable; the CSV holds it all.
+CONFUSION_PICTURE_LIMIT = 60
+
+
+def per_class_rows(classes, confusion):
+    """(class, images, correct, accuracy %) from a confusion matrix (rows: true classes)."""
+    rows = []
+    for i, name in enumerate(classes):
+        images, correct = sum(confusion[i]), confusion[i][i]
+        rows.append((name, images, correct, 100.0 * correct / images if images else None))
+    return rows
+
+
+def mean_class_accuracy(rows):
+    accuracies = [acc for *_, acc in rows if acc is not None]
+    return sum(accuracies) / max(len(accuracies), 1)
+
+
+def write_evaluation_report(folder, classes, result):
+    """per_class.csv, confusion.csv and (for up to CONFUSION_PICTURE_LIMIT classes)
+    confusion.png of an evaluation with a confusion matrix; returns the files written."""
+    import csv
+    import io
+    from checkpoint import write_text
+    folder = Path(folder)
+    rows = per_class_rows(classes, result["confusion"])
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["class", "images", "correct", "accuracy"])
+    writer.writerows((n, i, c, "" if a is None else f"{a:.4f}") for n, i, c, a in rows)
+    write_text(folder / "per_class.csv", table.getvalue())
+    matrix = io.StringIO()
+    writer = csv.writer(matrix, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *classes])
+    writer.writerows([name, *counts] for name, counts in zip(classes, result["confusion"]))
+    write_text(folder / "confusion.csv", matrix.getvalue())
+    written = [folder / "per_class.csv", folder / "confusion.csv"]
+    if len(classes) <= CONFUSION_PICTURE_LIMIT:
+        written.append(_confusion_picture(folder / "confusion.png", classes, result["confusion"]))
+    return written
+
+
+def _confusion_picture(path, classes, confusion):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    counts = torch.tensor(confusion, dtype=torch.float64)
+    share = counts / counts.sum(1, keepdim=True).clamp(min=1)  # each true class sums to 1
+    size = max(4.0, 0.25 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted (combined score)")
+    ax.set_ylabel("true class")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -152,6 +152,9 @@ class Settings:
     threads: int = _setting(
         0, int, "CPU threads of PyTorch in each process (0: PyTorch's choice, one per core; "
                 "fewer on a machine shared with other work)")
+    tta_flip: bool = _setting(
+        False, parse_bool, "--test_only: also score each test image together with its mirror "
+                           "image (beyond the paper's protocol, reported apart)", bare=True)
     extend: bool = _setting(
         False, parse_bool, "with --resume: continue a finished run to a larger --epochs (the "
                            "cosine schedule is stretched over the new total)", bare=True)
@@ -178,7 +181,7 @@ NAMES = tuple(f.name for f in dataclasses.fields(Settings))
 # loop SGD are the same arithmetic). Every other setting comes from the checkpoint.
 CHANGEABLE_ON_RESUME = frozenset({
     "data_path", "workers", "device", "progress", "threads", "resume", "test_only", "overwrite",
-    "extend",
+    "extend", "tta_flip",
     "output_dir", "save_every", "check_images", "skip_bad_images", "max_image_pixels",
     "test_batch_size", "deterministic", "sgd", "compile"})
 # What evaluating a checkpoint takes from it: the network and the images it was trained on.

@@ -327,15 +327,32 @@ class Training:
 
 def test_only(cfg, device, ck, path, test_loader):
     """Score a checkpoint on cfg.data_path's test split, with the network, image size and resize
-    it was trained with (cfg holds them already)."""
+    it was trained with (cfg holds them already). Besides the paper's three accuracies, it
+    reports top-5 and mean per-class accuracy, and writes a per-class table and the confusion
+    matrix next to the checkpoint (CHECKPOINT-STEM_evaluation/)."""
+    from inference import mean_class_accuracy, per_class_rows, write_evaluation_report
+    classes = ck["classes"]
     check_classes(ck, test_loader.dataset.classes, path)
+    report = path.parent / f"{path.stem}_evaluation"
+    if report.exists() and any(report.iterdir()) and not cfg.overwrite:
+        raise ckpt_io.CheckpointError(f"{report} already holds an evaluation report: pass "
+                                      "--overwrite to replace it, or move it away")
     model = ckpt_io.model_of(ck, path, device)
     result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device,
                       settings.amp_dtype(cfg.amp), cfg.channels_last,
-                      progress=settings.show_progress(cfg) and dist.is_main())
+                      progress=settings.show_progress(cfg) and dist.is_main(),
+                      num_classes=len(classes), flip=cfg.tta_flip)
     log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
         f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
         f"{result['samples']} images")
+    rows = per_class_rows(classes, result["confusion"])
+    log(f"beyond the paper's protocol: top-5 (combined) {result['acc_top5_combined']:.2f}%, "
+        f"mean per-class (combined) {mean_class_accuracy(rows):.2f}%"
+        + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"
+           if cfg.tta_flip else ""))
+    if dist.is_main():
+        written = write_evaluation_report(report, classes, result)
+        log(f"per-class accuracy and confusion matrix: {', '.join(str(p) for p in written)}")
     return 0
 
 

@@ -185,3 +185,28 @@ def check_data_help(capsys):
     with pytest.raises(SystemExit):
         check_data.main(["--help"])
     return capsys.readouterr().out
+
+
+def test_test_only_reports_beyond_the_paper_and_writes_a_confusion_matrix(tmp_path, capsys):
+    import csv
+    import json
+    data, out = _tiny_run(tmp_path)
+    logged = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["test"]
+    capsys.readouterr()
+    assert _bare(data, out, "--test_only", f"--resume={out / 'last.pt'}", "--tta_flip") == 0
+    printed = capsys.readouterr().out
+    report = out / "last_evaluation"
+    rows = list(csv.DictReader((report / "per_class.csv").open()))
+    assert [r["class"] for r in rows] == ["class_0", "class_1", "class_2"]
+    assert [int(r["images"]) for r in rows] == [3, 3, 3]
+    matrix = list(csv.reader((report / "confusion.csv").open()))
+    counts = [[int(v) for v in row[1:]] for row in matrix[1:]]
+    assert sum(map(sum, counts)) == 9
+    assert 100 * sum(counts[i][i] for i in range(3)) / 9 == pytest.approx(logged["acc_combined"])
+    mean = sum(float(r["accuracy"]) for r in rows) / 3
+    assert f"mean per-class (combined) {mean:.2f}%" in printed
+    assert "top-5 (combined) 100.00%" in printed  # 3 classes: always within the top 5
+    assert "combined with mirror images" in printed and (report / "confusion.png").is_file()
+    assert _bare(data, out, "--test_only", f"--resume={out / 'last.pt'}") == 2
+    assert "already holds an evaluation report" in capsys.readouterr().err
+    assert _bare(data, out, "--test_only", f"--resume={out / 'last.pt'}", "--overwrite") == 0
