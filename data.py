@@ -141,7 +141,8 @@ class _ClassFiles:
     folders are followed only where they stay inside the class folder (the folder itself may be
     a link): one that leads out of it would label another folder's images with this class, and
     is skipped. Every file and folder is taken once by its real path, which also ends link loops.
-    `images`: image files; `others`: other regular files; `skipped`: (path, why) of the rest.
+    `images`: (path, real path) of image files; `others`: other regular files; `skipped`:
+    (path, why) of the rest.
     """
 
     def __init__(self, folder):
@@ -180,14 +181,14 @@ class _ClassFiles:
             return
         self._seen_files[target] = entry.path
         try:
-            regular = entry.is_file() and stat.S_ISREG(os.stat(entry.path).st_mode)
-        except OSError:  # a dangling link
+            regular = entry.is_file()  # follows links; False for FIFOs, devices, dangling links
+        except OSError:
             regular = False
         if not regular:
             self.skipped.append((entry.path, "not a regular file (a FIFO, device, socket or "
                                              "dangling link); only regular files are read"))
         elif is_image_file(entry.name):
-            self.images.append(entry.path)
+            self.images.append((entry.path, target))
         else:
             self.others.append(entry.path)
 
@@ -243,8 +244,7 @@ class Layout:
                 found = _ClassFiles(root / split / name)
                 self.ignored += found.others
                 self.skipped += found.skipped
-                for path in found.images:
-                    real = os.path.realpath(path)
+                for path, real in found.images:
                     if real in owner:
                         self.problems.append(
                             f"{path} is the same file as {owner[real]} (linked into two class "

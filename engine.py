@@ -234,9 +234,9 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
             s = combined_scores(model, inputs)
         concat = s.heads[3]
         loss = criterion(concat, targets) * len(targets)
+        predicted = s.com.argmax(1)
         top5 = flipped = sums.new_tensor(0.0)
         if num_classes:
-            predicted = s.com.argmax(1)
             confusion += torch.bincount(targets * num_classes + predicted,
                                         minlength=num_classes ** 2).double()
             best5 = s.com.topk(min(5, num_classes), 1).indices
@@ -247,7 +247,7 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
             flipped = ((s.com + mirrored.com).argmax(1) == targets).sum().double()
         sums += torch.stack([(concat.argmax(1) == targets).sum().double(),
                              (s.com2.argmax(1) == targets).sum().double(),
-                             (s.com.argmax(1) == targets).sum().double(),
+                             (predicted == targets).sum().double(),
                              loss.double(), sums.new_tensor(len(targets)), top5, flipped])
     # Ranks hold different numbers of test batches: agree on stopping only after the loop.
     *totals, stopped = dist.all_reduce_sum(sums.tolist() + confusion.tolist() + [float(stopped)])

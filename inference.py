@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt_io
+from data import BadImageError, allow_images_up_to, build_transforms, is_image_file, load_rgb
 from errors import UserError
 from settings import parse_bool
-from data import BadImageError, allow_images_up_to, build_transforms, is_image_file, load_rgb
 
 class ToolError(UserError):
     """A failure the user can fix; the message is one line naming the file and what to do."""
@@ -131,14 +131,13 @@ def mean_class_accuracy(rows):
     return sum(accuracies) / max(len(accuracies), 1)
 
 
-def write_evaluation_report(folder, classes, result):
-    """per_class.csv, confusion.csv and (for up to CONFUSION_PICTURE_LIMIT classes)
-    confusion.png of an evaluation with a confusion matrix; returns the files written."""
+def write_evaluation_report(folder, classes, confusion, rows):
+    """per_class.csv (`rows` of per_class_rows), confusion.csv and (for up to
+    CONFUSION_PICTURE_LIMIT classes) confusion.png; returns the files written."""
     import csv
     import io
     from checkpoint import write_text
     folder = Path(folder)
-    rows = per_class_rows(classes, result["confusion"])
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["class", "images", "correct", "accuracy"])
@@ -147,11 +146,11 @@ def write_evaluation_report(folder, classes, result):
     matrix = io.StringIO()
     writer = csv.writer(matrix, lineterminator="\n")
     writer.writerow(["true \\ predicted", *classes])
-    writer.writerows([name, *counts] for name, counts in zip(classes, result["confusion"]))
+    writer.writerows([name, *counts] for name, counts in zip(classes, confusion))
     write_text(folder / "confusion.csv", matrix.getvalue())
     written = [folder / "per_class.csv", folder / "confusion.csv"]
     if len(classes) <= CONFUSION_PICTURE_LIMIT:
-        written.append(_confusion_picture(folder / "confusion.png", classes, result["confusion"]))
+        written.append(_confusion_picture(folder / "confusion.png", classes, confusion))
     return written
 
 

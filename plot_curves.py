@@ -21,8 +21,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 from checkpoint import JSON_LOG as LOG_NAME
 from checkpoint import RUN_FILES
 from errors import run_command
-from settings import parse_bool
 from inference import ToolError, check_output
+from settings import parse_bool
 
 TRAIN_LOSSES = ("train_loss", "loss1", "loss2", "loss3", "loss_att", "loss_concat")
 TEST_ACCURACIES = (("acc_concat", "test concat"), ("acc_com2", "test com2"),

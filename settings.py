@@ -7,14 +7,15 @@ misspelt name stops with the closest valid one, and options are never matched by
 import argparse
 import dataclasses
 import difflib
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from data import CHECKS
-from optimizer import SGD_IMPLS
 from errors import UserError
+from optimizer import SGD_IMPLS
 from src.models import ABN_CHOICES
 
 AMP_CHOICES = ("none", "bf16", "fp16")
@@ -45,7 +46,6 @@ def _parse_progress(text):
 
 def show_progress(cfg):
     """Whether this process draws progress bars (--progress, and auto: on a terminal)."""
-    import sys
     if cfg.progress == "auto":
         return sys.stderr.isatty()
     return cfg.progress == "true"
@@ -192,11 +192,8 @@ EVALUATED_AS_TRAINED = frozenset({
 
 def given_on_command_line(argv):
     """The names of the settings an argv gives explicitly (not by default or a script's block)."""
-    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False,
-                                     argument_default=argparse.SUPPRESS)
-    add_arguments(parser)
-    for action in parser._actions:  # every default must be "not given"
-        action.default = argparse.SUPPRESS
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    add_arguments(parser, defaults=dict.fromkeys(NAMES, argparse.SUPPRESS))
     namespace, _ = parser.parse_known_args(argv)
     return set(vars(namespace))
 

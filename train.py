@@ -106,7 +106,8 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
     check_classes(ck, classes, path)
     ckpt_io.load_model_state(model, ck, path)
     load_optimizer_state(optimizer, ck["optimizer"])
-    # Settings given now win over the saved ones (the same, for a plain resume).
+    # Base rates, momentum and weight decay of the run's settings, which are the checkpoint's
+    # (settings_of_checkpoint); each iteration then sets its scheduled rate.
     set_hyperparameters(optimizer, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
     if scaler is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
@@ -351,7 +352,7 @@ def test_only(cfg, device, ck, path, test_loader):
         + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"
            if cfg.tta_flip else ""))
     if dist.is_main():
-        written = write_evaluation_report(report, classes, result)
+        written = write_evaluation_report(report, classes, result["confusion"], rows)
         log(f"per-class accuracy and confusion matrix: {', '.join(str(p) for p in written)}")
     return 0
 
