@@ -10,7 +10,7 @@ STAMP := $(VENV)/.setup-done
 .PHONY: setup test test-fast demo bench clean
 setup: $(STAMP)
 
-$(STAMP): requirements.txt tools/setup.sh tools/build_inplace_abn.sh
+$(STAMP): requirements.txt pyproject.toml tools/setup.sh tools/build_inplace_abn.sh
 	bash tools/setup.sh $(VENV)
 	touch $@
 
@@ -21,10 +21,10 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
-	$(PY) demo.py
+	$(PY) -m cmal.tools.demo
 
 bench: setup
-	$(PY) bench.py
+	$(PY) -m cmal.tools.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache data/demo Results_demo

@@ -5,7 +5,7 @@ Edit the settings below, or override any of them: python train_Aircraft_TResNet_
 """
 import sys
 
-import train
+from cmal import train
 
 # ---- settings ------------------------------------------------------------------------------
 data_path = "./data/Aircraft"        # holds train/<class>/ and test/<class>/ (see prepare_data.py)

@@ -5,7 +5,7 @@ Edit the settings below, or override any of them: python train_Food11_TResNet_L.
 """
 import sys
 
-import train
+from cmal import train
 
 # ---- settings ------------------------------------------------------------------------------
 data_path = "./data/Food-11"         # holds train/<class>/ and test/<class>/ (see prepare_data.py)

@@ -26,7 +26,7 @@ def _seed():
 @pytest.fixture(params=["inplace", "pure", "native"])
 def abn_impl(request):
     """Run a test once per ABN kind; the compiled one only where it is installed."""
-    from src.models import inplace_abn_available
+    from cmal.tresnet import inplace_abn_available
     if request.param == "inplace" and not inplace_abn_available():
         pytest.skip("inplace_abn is not installed (make setup builds it)")
     return request.param

@@ -8,8 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import settings  # noqa: E402
-import train  # noqa: E402
+from cmal import settings  # noqa: E402
+from cmal import train  # noqa: E402
 
 models = []
 original = train.build_from_settings

@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import checkpoint  # noqa: E402
-import engine  # noqa: E402
-import train  # noqa: E402
+from cmal import checkpoint  # noqa: E402
+from cmal import engine  # noqa: E402
+from cmal import train  # noqa: E402
 
 kind, target = sys.argv[1], int(sys.argv[2])
 count = 0

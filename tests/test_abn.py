@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from src.models import PureABN, TResnetL_V2, inplace_abn_available
-from src.models.abn import ABN
+from cmal.tresnet import PureABN, TResnetL_V2, inplace_abn_available
+from cmal.tresnet.abn import ABN
 from tests.conftest import SMALL
 
 needs_inplace_abn = pytest.mark.skipif(not inplace_abn_available(),
@@ -131,7 +131,7 @@ def test_pure_abn_backward_is_the_true_gradient(activation, training):
 
 def _functional(m, state, x, w, b):
     """PureABN as a function of (input, weight, bias), for gradcheck."""
-    from src.models.abn import _ABNFunction
+    from cmal.tresnet.abn import _ABNFunction
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     slope = m.activation_param if m.activation == "leaky_relu" else None
     return _ABNFunction.apply(flat, w, b, state["running_mean"].clone(), state["running_var"].clone(),

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "cmal.tools.bench", *args], capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout

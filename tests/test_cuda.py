@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import checkpoint as ckpt_io
-import train
-from engine import train_step
-from model import compile_network
-from optimizer import make_optimizer
-from model import build_cmal
-from src.models import inplace_abn_available
+from cmal import checkpoint as ckpt_io
+from cmal import train
+from cmal.engine import train_step
+from cmal.model import compile_network
+from cmal.optimizer import make_optimizer
+from cmal.model import build_cmal
+from cmal.tresnet import inplace_abn_available
 from tests.conftest import TINY_ARGS, TINY_NET, make_image_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU is visible")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import check_data
-import train
-from data import BadImageError, DatasetError, EpochSampler, build_transforms, check_layout, load_rgb
+from cmal.tools import check_data
+from cmal import train
+from cmal.data import BadImageError, DatasetError, EpochSampler, build_transforms, check_layout, load_rgb
 from tests.conftest import TINY_ARGS, make_image_folder
 
 
@@ -162,7 +162,7 @@ def test_bad_image_stops_training_naming_it(tmp_path, capsys):
     bad = _break_one(root)
     assert _run(root, tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert str(bad) in err and "--skip_bad_images" in err and "check_data.py" in err
+    assert str(bad) in err and "--skip_bad_images" in err and "cmal.tools.check_data" in err
     assert not (tmp_path / "out" / "last.pt").exists()
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-import train
+from cmal import checkpoint as ckpt_io
+from cmal import train
 from tests.conftest import TINY_ARGS, make_image_folder
 
 pytestmark = pytest.mark.slow  # make test-fast leaves these out

@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import evaluate, train_step
-from optimizer import make_optimizer
-from model import build_cmal
+from cmal.engine import evaluate, train_step
+from cmal.optimizer import make_optimizer
+from cmal.model import build_cmal
 from tests.conftest import TINY_NET
-from utils import attention_im, cosine_anneal_schedule, highlight_im, map_generate
+from cmal.utils import attention_im, cosine_anneal_schedule, highlight_im, map_generate
 
 
 # ---- the reference's per-sample helpers, transcribed (the loops this project batches) --------
@@ -229,7 +229,7 @@ def test_every_parameter_moves_at_every_step_after_the_first_iteration():
 
 
 def test_non_finite_loss_raises():
-    from engine import NonFiniteError
+    from cmal.engine import NonFiniteError
     net = _tiny()
     opt = make_optimizer(net)
     inputs, targets = _batch()

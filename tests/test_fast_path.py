@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import distributed as dist
-from engine import train_step
-from optimizer import load_optimizer_state, make_optimizer
-from model import build_cmal
-from src.models import NativeABN, PureABN, abn_kind, abn_kind_for
+from cmal import distributed as dist
+from cmal.engine import train_step
+from cmal.optimizer import load_optimizer_state, make_optimizer
+from cmal.model import build_cmal
+from cmal.tresnet import NativeABN, PureABN, abn_kind, abn_kind_for
 from tests.conftest import TINY_NET
 
 LOSSES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
@@ -183,7 +183,7 @@ def test_more_ranks_than_gpus_is_refused_with_what_to_do(monkeypatch):
 
 
 def test_reflection_padding_from_slices_equals_f_pad():
-    from src.models.layers import _reflect_pad_1
+    from cmal.tresnet.layers import _reflect_pad_1
     x = torch.randn(2, 3, 5, 6, requires_grad=True)
     grad = torch.randn(2, 3, 7, 8)
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")

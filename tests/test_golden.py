@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from model import build_cmal
+from cmal.model import build_cmal
 from tests.conftest import load_fixture
-from utils import attention_im, highlight_im, map_generate
+from cmal.utils import attention_im, highlight_im, map_generate
 
 GOLDEN = load_fixture("cmal_golden.json")
 RTOL = 1e-4
@@ -101,7 +101,7 @@ def _forward(abn, dtype, x, entries):
 def golden_run(request, reference_threads):
     """(float32 run, float64 run, crops) of one ABN implementation; a run is
     (train outputs, eval outputs, attention maps, state after the train forward)."""
-    from src.models import inplace_abn_available
+    from cmal.tresnet import inplace_abn_available
     if request.param == "inplace" and not inplace_abn_available():
         pytest.skip("inplace_abn is not installed (make setup builds it)")
     entries = load_fixture("cmal_tresnet_l_state_dict.json")["entries"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint as ckpt_io
+from cmal import checkpoint as ckpt_io
 from tests.conftest import TINY_ARGS, make_image_folder
 
 pytestmark = pytest.mark.slow  # make test-fast leaves these out

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import checkpoint as ckpt_io
-import train
-from engine import evaluate, train_step
-from model import compile_network
-from optimizer import make_optimizer
-from model import build_cmal
+from cmal import checkpoint as ckpt_io
+from cmal import train
+from cmal.engine import evaluate, train_step
+from cmal.model import compile_network
+from cmal.optimizer import make_optimizer
+from cmal.model import build_cmal
 from tests.conftest import TINY_ARGS, TINY_NET
 
 LOSSES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")

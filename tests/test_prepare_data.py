@@ -1,4 +1,4 @@
-"""prepare_data.py on miniature copies of each official layout, built in tmp_path."""
+"""cmal.tools.prepare_data on miniature copies of each official layout, built in tmp_path."""
 import hashlib
 import os
 import subprocess
@@ -10,8 +10,8 @@ import pytest
 import scipy.io as sio
 from PIL import Image
 
-import prepare_data
-from prepare_data import main
+from cmal.tools import prepare_data
+from cmal.tools.prepare_data import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -453,7 +453,7 @@ def test_folder_names_are_safe_readable_and_unique():
 
 def test_command_line_help_and_user_error_without_traceback(tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *map(str, args)],
+        return subprocess.run([sys.executable, "-m", "cmal.tools.prepare_data", *map(str, args)],
                               capture_output=True, text=True, cwd=tmp_path)
 
     helped = cli("--help")

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-import check_data
-import checkpoint as ckpt_io
-import plot_curves
-import predict
-import settings
-import train
-from data import Layout, check_layout
-from src.models import WeightsError
-from src.models.weights import cache_name, download
+from cmal.tools import check_data
+from cmal import checkpoint as ckpt_io
+from cmal.tools import plot_curves
+from cmal.tools import predict
+from cmal import settings
+from cmal import train
+from cmal.data import Layout, check_layout
+from cmal.tresnet import WeightsError
+from cmal.tresnet.weights import cache_name, download
 from tests.conftest import TINY_ARGS, make_image_folder
 from tests.test_interruptions import launch
 
@@ -247,7 +247,7 @@ def test_plot_curves_never_overwrites_silently(trained, capsys):
 
 
 def test_attention_never_writes_over_an_input_image(tmp_path, trained, capsys):
-    import attention
+    from cmal.tools import attention
     from PIL import Image
     folder = tmp_path / "pictures"
     folder.mkdir()

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-import settings
-from settings import Settings
+from cmal import settings
+from cmal.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_given_on_command_line_sees_only_explicit_options():
 # --- a checkpoint's settings win over defaults; a contradicting command line is refused ------
 
 def _tiny_run(tmp_path, *extra):
-    import train
+    from cmal import train
     from tests.conftest import TINY_ARGS, make_image_folder
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"
@@ -96,7 +96,7 @@ def _tiny_run(tmp_path, *extra):
 
 def _bare(data, out, *argv):
     """train.main with the defaults and only `argv`: nothing of the tiny run's settings."""
-    import train
+    from cmal import train
     return train.main({"data_path": str(data), "output_dir": str(out)},
                       ["--device=cpu", "--progress=false", "--workers=0", *argv])
 
@@ -116,7 +116,7 @@ def test_test_only_evaluates_at_the_trained_size(tmp_path, capsys):
 
 
 def test_resume_takes_the_checkpoints_settings_and_refuses_contradictions(tmp_path, capsys):
-    import checkpoint as ckpt_io
+    from cmal import checkpoint as ckpt_io
     data, out = _tiny_run(tmp_path, "--lr=0.01")
     before = (out / "last.pt").read_bytes()
     capsys.readouterr()
@@ -157,7 +157,7 @@ def test_progress_bars_only_on_a_terminal_unless_forced(monkeypatch):
 
 def test_threads_setting_sets_torch_threads(monkeypatch):
     import torch
-    import distributed as dist
+    from cmal import distributed as dist
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     dist.setup_device(settings.parse({"data_path": "d"}, ["--device=cpu", "--threads=1"]))
@@ -165,9 +165,9 @@ def test_threads_setting_sets_torch_threads(monkeypatch):
 
 
 def test_tools_spell_options_as_train_does(capsys):
-    import check_data
-    import plot_curves
-    import predict
+    from cmal.tools import check_data
+    from cmal.tools import plot_curves
+    from cmal.tools import predict
     args = predict.parse_args(["ck.pt", "img.jpg", "--skip_bad_images=true", "--batch_size=2"])
     assert args.skip_bad_images is True and args.batch_size == 2
     for parse, argv in ((predict.parse_args, ["ck.pt", "img.jpg", "--top=3"]),
@@ -181,7 +181,7 @@ def test_tools_spell_options_as_train_does(capsys):
 
 
 def check_data_help(capsys):
-    import check_data
+    from cmal.tools import check_data
     with pytest.raises(SystemExit):
         check_data.main(["--help"])
     return capsys.readouterr().out

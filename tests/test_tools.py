@@ -1,4 +1,4 @@
-"""The tools on a trained model: predict.py, attention.py, plot_curves.py (one tiny run shared)."""
+"""The tools on a trained model: cmal.tools.predict, attention, plot_curves (one tiny run shared)."""
 import csv
 import json
 import re
@@ -8,16 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-import attention
-import checkpoint as ckpt_io
-import engine
-import plot_curves
-import predict
-import train
-from data import build_transforms, load_rgb
-from engine import combined_scores
+from cmal.tools import attention
+from cmal import checkpoint as ckpt_io
+from cmal import engine
+from cmal.tools import plot_curves
+from cmal.tools import predict
+from cmal import train
+from cmal.data import build_transforms, load_rgb
+from cmal.engine import combined_scores
 from tests.conftest import TINY_ARGS, make_image_folder
-from utils import highlight_im
+from cmal.utils import highlight_im
 
 CLASSES = ["class_0", "class_1", "class_2"]
 
@@ -43,7 +43,7 @@ def images_of(data_dir):
 
 
 def parse_printed(text):
-    """{path: [(rank, class, score), ...]} from predict.py's output."""
+    """{path: [(rank, class, score), ...]} from predict's output."""
     result, current = {}, None
     for line in text.splitlines():
         m = re.match(r"^  (\d+)\. (\S+) +([0-9.]+)$", line)

@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-import settings
-import train
+from cmal import checkpoint as ckpt_io
+from cmal import settings
+from cmal import train
 from tests.conftest import TINY_ARGS, make_image_folder
 
 TRAIN_LINE = re.compile(r"^Iteration \d+ \| train_acc = \d+\.\d{5} \| train_loss = \d+\.\d{5} \| "

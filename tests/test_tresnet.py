@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from src.models import TResnetL_V2
-from src.models.layers import AntiAliasDownsample, SpaceToDepth
+from cmal.tresnet import TResnetL_V2
+from cmal.tresnet.layers import AntiAliasDownsample, SpaceToDepth
 from tests.conftest import SMALL, load_fixture
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from src.models import TResnetL_V2, WeightsError, load_tresnet_weights
-from src.models.weights import cache_name, download
+from cmal.tresnet import TResnetL_V2, WeightsError, load_tresnet_weights
+from cmal.tresnet.weights import cache_name, download
 from tests.conftest import SMALL
 
 

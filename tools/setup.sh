@@ -14,4 +14,8 @@ echo "setup: installing requirements.txt into $VENV (torch is several GB the fir
 # about them are noise.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt \
     2> >(grep -v "is neither a file nor a directory" >&2)
+# The project itself, editable: `cmal` imports from any folder and the cmal-* commands exist.
+# setuptools is already in the environment, so the build needs nothing from the network.
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+    2> >(grep -v "is neither a file nor a directory" >&2)
 bash tools/build_inplace_abn.sh "$VENV/bin/python"

@@ -1,10 +1,7 @@
-from .abn import (ABN, ABN_CHOICES, ABN_KINDS, NativeABN, PureABN, abn_kind, abn_kind_for,
-                  inplace_abn_available)
-from .tresnet_v2 import Bottleneck, TResNetV2, TResnetL_V2
-from .weights import (PUBLISHED_WEIGHTS, WeightsError, extract_state_dict, load_tresnet_weights,
-                      read_checkpoint, resolve_weights)
+"""The reference's `src.models` import path for the TResNet-L-V2 backbone. The code lives in
+`cmal/tresnet/` (importable from any folder once `pip install -e .` has run); this package keeps
+`from src.models import TResnetL_V2` working from the project folder."""
+from cmal.tresnet import (PUBLISHED_WEIGHTS, TResNetV2, TResnetL_V2, WeightsError,
+                          load_tresnet_weights)
 
-__all__ = ["ABN", "ABN_CHOICES", "ABN_KINDS", "NativeABN", "PureABN", "abn_kind", "abn_kind_for",
-           "inplace_abn_available", "Bottleneck", "TResNetV2", "TResnetL_V2", "PUBLISHED_WEIGHTS",
-           "WeightsError", "extract_state_dict", "load_tresnet_weights", "read_checkpoint",
-           "resolve_weights"]
+__all__ = ["PUBLISHED_WEIGHTS", "TResNetV2", "TResnetL_V2", "WeightsError", "load_tresnet_weights"]

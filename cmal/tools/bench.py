@@ -1,9 +1,9 @@
 """Throughput and memory of one CMAL-Net training iteration (train_step) and of evaluation.
 
-    python bench.py                                  # full TResNet-L-V2, 224 px, batch 4, auto device
-    python bench.py --image_size=368 --batch_size=16 --device=cuda --amp=bf16 --channels_last
-    python bench.py --loader --workers=2             # the input pipeline on large JPEGs
-    python bench.py --compare --image_size=368 --batch_size=16 --num_classes=196 --device=cuda
+    python -m cmal.tools.bench                                  # full TResNet-L-V2, 224 px, batch 4, auto device
+    python -m cmal.tools.bench --image_size=368 --batch_size=16 --device=cuda --amp=bf16 --channels_last
+    python -m cmal.tools.bench --loader --workers=2             # the input pipeline on large JPEGs
+    python -m cmal.tools.bench --compare --image_size=368 --batch_size=16 --num_classes=196 --device=cuda
                                                      # the reference's set-up against faster ones
 
 For each of train_step and evaluate it prints images/s, peak memory, FLOPs per image (counted
@@ -19,18 +19,20 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-import settings
-from distributed import pick_device
-from engine import evaluate, train_step
-from errors import run_command
-from model import build_cmal, compile_network
-from optimizer import make_optimizer
-from src.models import abn_kind_for, inplace_abn_available
+from cmal import settings
+from cmal.distributed import pick_device
+from cmal.engine import evaluate, train_step
+from cmal.errors import run_command
+from cmal.model import build_cmal, compile_network
+from cmal.optimizer import make_optimizer
+from cmal.tresnet import abn_kind_for, inplace_abn_available
 
+PROJECT = Path(__file__).resolve().parents[2]  # the folder that holds the cmal package
 
 # The settings of train.py that describe what is measured, with the benchmark's defaults.
 MEASURED = ("image_size", "batch_size", "num_classes", "device", "layers", "width_factor",
@@ -167,8 +169,10 @@ def measure(args):
 def _child(argv, mode):
     """One measurement in a fresh process (its own peak memory), with these bench.py options."""
     argv = [a for a in argv if not a.startswith("--mode")] + [f"--mode={mode}", "--json"]
-    out = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, capture_output=True,
-                         text=True)
+    # The child imports cmal from the folder that holds it, whatever the working folder.
+    path = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-m", "cmal.tools.bench"] + argv, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": path})
     if out.returncode != 0:
         raise RuntimeError(f"bench.py {' '.join(argv)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -241,7 +245,7 @@ def loader_benchmark(args):
     import tempfile
     import numpy as np
     from torch.utils.data import DataLoader
-    from data import EpochSampler, ImageDataset, build_transforms, collate_skipping, load_rgb
+    from cmal.data import EpochSampler, ImageDataset, build_transforms, collate_skipping, load_rgb
     width, height = (int(v) for v in args.jpeg_size.split("x"))
     resize = round(args.image_size * 421 / 368)
     train_tf, test_tf = build_transforms(args.image_size, resize, 8)
@@ -275,7 +279,7 @@ def loader_benchmark(args):
     return 0
 
 
-def main(argv=None):
+def run(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     if args.loader:
@@ -315,5 +319,9 @@ def _describe(args, device, per_configuration=True):
     print(line)
 
 
+def main(argv=None):
+    return run_command(run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_command(main))
+    sys.exit(main())

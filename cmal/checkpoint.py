@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from errors import UserError
-from src.models.weights import WeightsError, check_compatible, read_checkpoint
+from cmal.errors import UserError
+from cmal.tresnet.weights import WeightsError, check_compatible, read_checkpoint
 
 FORMAT = "cmal-checkpoint-1"
 TRAIN_LOG = "results_train.txt"
@@ -260,7 +260,7 @@ class RunSaver:
     def save(self, state, best=False):
         """last.pt of `state`; a new best is written to best.pt first and last.pt made a link
         to it, so that a crash in between leaves last.pt behind best.pt, never ahead of it."""
-        from engine import NonFiniteError
+        from cmal.engine import NonFiniteError
         if not torch.stack([t.isfinite().all() for t in self.model.state_dict().values()
                             if t.is_floating_point()]).all():
             raise NonFiniteError(f"the weights hold NaN or infinite values at epoch "
@@ -298,14 +298,14 @@ def load_trained(path, device="cpu"):
 
 def model_of(ck, path, device="cpu"):
     """The trained network of a loaded checkpoint `ck` (read from `path`), in eval mode."""
-    from model import build_from_settings  # late: the model imports the whole backbone
+    from cmal.model import build_from_settings  # late: the model imports the whole backbone
     model = build_from_settings(_settings_of(ck), device)
     load_model_state(model, ck, path)
     return model.eval()
 
 
 def _settings_of(ck):
-    from settings import Settings
+    from cmal.settings import Settings
     return Settings.from_checkpoint(ck["settings"])
 
 

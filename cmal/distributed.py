@@ -5,7 +5,7 @@ import os
 import torch
 import torch.distributed as tdist
 
-from errors import UserError
+from cmal.errors import UserError
 
 
 def is_distributed():

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from errors import UserError
+from cmal.errors import UserError
 
 SPLITS = ("train", "test")
 
@@ -137,7 +137,7 @@ def _inside(path, folder):
 class _ClassFiles:
     """The files of one class folder, sorted, hidden entries left out.
 
-    Links to files are followed (prepare_data.py may link images to the download). Links to
+    Links to files are followed (cmal.tools.prepare_data may link images to the download). Links to
     folders are followed only where they stay inside the class folder (the folder itself may be
     a link): one that leads out of it would label another folder's images with this class, and
     is skipped. Every file and folder is taken once by its real path, which also ends link loops.
@@ -208,7 +208,7 @@ class Layout:
     def _scan(self, num_classes):
         root = self.root
         layout = (f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> "
-                  "(prepare_data.py converts the official downloads to it)")
+                  "(python -m cmal.tools.prepare_data converts the official downloads to it)")
         if not root.is_dir():
             self.problems.append(f"data path {root} does not exist or is not a folder; set "
                                  f"data_path in the script's settings or pass --data_path=... "
@@ -278,11 +278,11 @@ def check_layout(root, num_classes=None):
         raise DatasetError("\n".join(layout.problems))
     if layout.ignored:
         warnings.warn(f"{len(layout.ignored)} files in {root} are not images and are ignored, "
-                      f"e.g. {layout.ignored[0]} (python check_data.py {root} lists them)")
+                      f"e.g. {layout.ignored[0]} (python -m cmal.tools.check_data {root} lists them)")
     if layout.skipped:
         path, why = layout.skipped[0]
         warnings.warn(f"{len(layout.skipped)} entries of {root} are skipped, e.g. {path}: {why} "
-                      f"(python check_data.py {root} lists them)")
+                      f"(python -m cmal.tools.check_data {root} lists them)")
     return layout.classes, layout.samples
 
 
@@ -303,7 +303,7 @@ def check_images(samples, max_pixels, skip_bad=False, split="test", how="headers
         except BadImageError as exc:
             if not skip_bad:
                 raise BadImageError(f"{exc}. Found before training, while checking the {split} "
-                                    "images; remove or replace the file (python check_data.py "
+                                    "images; remove or replace the file (python -m cmal.tools.check_data "
                                     "lists every bad file), or pass --skip_bad_images") from None
             bad.append(str(exc))
             continue
@@ -354,7 +354,7 @@ class ImageDataset(Dataset):
             img = load_rgb(path, self.max_pixels, self.draft_size)
         except BadImageError as exc:
             if not self.skip_bad:
-                raise BadImageError(f"{exc}. Remove or replace the file (python check_data.py "
+                raise BadImageError(f"{exc}. Remove or replace the file (python -m cmal.tools.check_data "
                                     "lists every bad file), or pass --skip_bad_images to skip "
                                     "such files with a warning") from None
             warnings.warn(f"skipping {exc}")

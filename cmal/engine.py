@@ -1,6 +1,6 @@
 """Training and evaluation of CMAL-Net: one iteration, one epoch, one evaluation pass.
 
-Every entry point (the three dataset scripts, train.py, demo.py, bench.py) calls these.
+Every entry point (the three dataset scripts, train.py, the demo, the benchmark) calls these.
 """
 import contextlib
 from collections import namedtuple
@@ -8,11 +8,11 @@ from collections import namedtuple
 import torch
 from tqdm import tqdm
 
-import distributed as dist
-from errors import UserError
-from model import unwrap
-from optimizer import set_learning_rates
-from utils import attention_im, highlight_im, map_generate
+from cmal import distributed as dist
+from cmal.errors import UserError
+from cmal.model import unwrap
+from cmal.optimizer import set_learning_rates
+from cmal.utils import attention_im, highlight_im, map_generate
 
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
 
@@ -144,7 +144,7 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
             raise NonFiniteError(
                 f"non-finite training loss at epoch {epoch + 1}, batch {stats['position']} "
                 f"({exc}). The run is stopped and no checkpoint was written from this state. Lower "
-                "--lr, check the data (python check_data.py DATA_PATH), or prefer --amp=bf16 to "
+                "--lr, check the data (python -m cmal.tools.check_data DATA_PATH), or prefer --amp=bf16 to "
                 "fp16.") from None
         stats["batches"] += 1
         stats["total"] += targets.shape[0]

@@ -1,6 +1,6 @@
 """List every problem of a dataset folder in one pass, before a long run meets them.
 
-    python check_data.py DATA_PATH [--num_classes=N] [--workers=4]
+    python -m cmal.tools.check_data DATA_PATH [--num_classes=N] [--workers=4]
 
 Checks the train/test class-folder layout, then decodes every image as training would. Prints
 each problem with the file at fault, every entry the scan skips (links that leave their class
@@ -13,8 +13,8 @@ from multiprocessing import Pool
 
 from PIL import Image
 
-from data import BadImageError, Layout, allow_images_up_to, load_rgb
-from errors import run_command
+from cmal.data import BadImageError, Layout, allow_images_up_to, load_rgb
+from cmal.errors import run_command
 
 
 def _inspect(args):
@@ -26,7 +26,7 @@ def _inspect(args):
     return path, None, min(img.size)
 
 
-def main(argv=None):
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data_path", help="dataset root holding train/<class>/ and test/<class>/")
@@ -69,5 +69,9 @@ def main(argv=None):
     return 0
 
 
+def main(argv=None):
+    return run_command(run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_command(main))
+    sys.exit(main())

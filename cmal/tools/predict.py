@@ -1,6 +1,6 @@
 """Classify images with a trained CMAL-Net: the top-k classes of each image by its combined score.
 
-    python predict.py CHECKPOINT IMAGE_OR_FOLDER [--topk 5] [--csv FILE] [--batch_size 8]
+    python -m cmal.tools.predict CHECKPOINT IMAGE_OR_FOLDER [--topk 5] [--csv FILE] [--batch_size 8]
 
 The score is the softmax of the combined logits: the four logits of the raw pass plus the four
 of the pass on the joint attention crop, which is what evaluation ranks by (its "combined"
@@ -13,10 +13,10 @@ import sys
 
 import torch
 
-from distributed import pick_device
-from engine import combined_scores
-from errors import run_command
-from inference import (ToolError, batches, check_output, find_images, load_images, load_model,
+from cmal.distributed import pick_device
+from cmal.engine import combined_scores
+from cmal.errors import run_command
+from cmal.inference import (ToolError, batches, check_output, find_images, load_images, load_model,
                        tool_parser)
 
 

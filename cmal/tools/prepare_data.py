@@ -1,8 +1,8 @@
 """Turn the official download of a dataset into the layout the training scripts read.
 
-    python prepare_data.py aircraft SRC OUT [--copy]
-    python prepare_data.py cars     SRC OUT [--copy]
-    python prepare_data.py food11   SRC OUT [--copy] [--validation_to {train,test,skip}]
+    python -m cmal.tools.prepare_data aircraft SRC OUT [--copy]
+    python -m cmal.tools.prepare_data cars     SRC OUT [--copy]
+    python -m cmal.tools.prepare_data food11   SRC OUT [--copy] [--validation_to {train,test,skip}]
 
 OUT receives train/<class>/<image> and test/<class>/<image>, with the same class folders in both
 splits. The source is only read. Files are hard links to the source by default (symbolic links,
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, JpegImagePlugin
 
-from errors import UserError, run_command
+from cmal.errors import UserError, run_command
 
 # The extensions torchvision's ImageFolder reads; other files are not images to the training.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -464,9 +464,9 @@ Class names that contain '/' become folder names with '_' (e.g. F/A-18 -> F_A-18
 OUT must not exist or be empty. Files that are not images (by extension) are not carried over.
 
 examples:
-  python prepare_data.py aircraft ~/Downloads/fgvc-aircraft-2013b data/Aircraft
-  python prepare_data.py cars ~/Downloads/stanford_cars data/Stanford_Cars
-  python prepare_data.py food11 ~/Downloads/Food-11 data/Food-11 --validation_to train
+  python -m cmal.tools.prepare_data aircraft ~/Downloads/fgvc-aircraft-2013b data/Aircraft
+  python -m cmal.tools.prepare_data cars ~/Downloads/stanford_cars data/Stanford_Cars
+  python -m cmal.tools.prepare_data food11 ~/Downloads/Food-11 data/Food-11 --validation_to train
 """
 
 

@@ -8,8 +8,8 @@ a white bar, black dots or a magenta triangle, 10 to 15% of the image side), at 
 and orientation that vary from image to image, among clutter of every colour. Telling the classes
 apart means finding that small region: what the attention crops are for.
 
-    python demo.py                 # generate data/demo if needed, then train
-    python demo.py --epochs=20     # any train.py setting can be overridden
+    python -m cmal.tools.demo                 # generate data/demo if needed, then train
+    python -m cmal.tools.demo --epochs=20     # any train.py setting can be overridden
 """
 import math
 import sys
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-import settings
-import train
+from cmal import settings
+from cmal import train
 
-DATA = Path(__file__).resolve().parent / "data" / "demo"
+DATA = Path("data") / "demo"  # beside the run folder, in the working folder
 MARKS = ("plus", "cross", "ring", "bar", "dots", "triangle")
 # The colour of each class's mark, in the order of MARKS. In the runs tried with the shape alone
 # (one colour for all, lr 0.01-0.02) the reduced network stayed near chance for the first epochs;

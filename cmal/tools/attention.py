@@ -1,6 +1,6 @@
 """Draw what a trained CMAL-Net looks at: one PNG per image with the three experts' attention.
 
-    python attention.py CHECKPOINT IMAGE_OR_FOLDER [--out DIR] [--max_images N]
+    python -m cmal.tools.attention CHECKPOINT IMAGE_OR_FOLDER [--out DIR] [--max_images N]
 
 Each picture shows the input as the network sees it (the run's test-time resize and centre crop),
 each expert's class activation map (for the class that expert predicts) as a heat map with the
@@ -19,12 +19,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from distributed import pick_device
-from engine import combined_scores
-from errors import run_command
-from inference import (ToolError, batches, check_output, find_images, load_images, load_model,
+from cmal.distributed import pick_device
+from cmal.engine import combined_scores
+from cmal.errors import run_command
+from cmal.inference import (ToolError, batches, check_output, find_images, load_images, load_model,
                        tool_parser)
-from utils import attention_box, highlight_box, joint_map, normalised_map
+from cmal.utils import attention_box, highlight_box, joint_map, normalised_map
 
 EXPERT_LAYERS = ("layer2", "layer3", "layer4")
 BOX_COLOR = "#00ff66"

@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 
-from data import CHECKS
-from errors import UserError
-from optimizer import SGD_IMPLS
-from src.models import ABN_CHOICES
+from cmal.data import CHECKS
+from cmal.errors import UserError
+from cmal.optimizer import SGD_IMPLS
+from cmal.tresnet import ABN_CHOICES
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 
@@ -313,7 +313,7 @@ def validate(cfg):
         problems.append(f"--resize ({cfg.resize}) must be at least --image_size "
                         f"({cfg.image_size})")
     if cfg.abn == "inplace":
-        from src.models import inplace_abn_available
+        from cmal.tresnet import inplace_abn_available
         if not inplace_abn_available():
             problems.append("--abn=inplace but inplace_abn is not installed (make setup builds "
                             "it); use --abn=auto")

@@ -2,8 +2,8 @@
 zero-filled gradients the reference's PyTorch kept."""
 import torch
 
-from model import unwrap
-from utils import cosine_anneal_schedule
+from cmal.model import unwrap
+from cmal.utils import cosine_anneal_schedule
 
 # How SGD updates and zeroes the parameters; the arithmetic is the same. loop: one operation per
 # parameter, as the reference; foreach: one per group and operation (the same bits on the CPU,

@@ -1,4 +1,4 @@
-"""What the command-line tools on a trained model share (predict.py, attention.py).
+"""What the command-line tools on a trained model share (cmal.tools.predict, cmal.tools.attention).
 
 Loading a checkpoint and images for inference, and the "combined" scoring of a batch exactly as
 evaluation computes it (engine.evaluate, spec section 5): the raw pass, the three experts'
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-import checkpoint as ckpt_io
-from data import BadImageError, allow_images_up_to, build_transforms, is_image_file, load_rgb
-from errors import UserError
-from settings import parse_bool
+from cmal import checkpoint as ckpt_io
+from cmal.data import BadImageError, allow_images_up_to, build_transforms, is_image_file, load_rgb
+from cmal.errors import UserError
+from cmal.settings import parse_bool
 
 class ToolError(UserError):
     """A failure the user can fix; the message is one line naming the file and what to do."""
@@ -136,7 +136,7 @@ def write_evaluation_report(folder, classes, confusion, rows):
     CONFUSION_PICTURE_LIMIT classes) confusion.png; returns the files written."""
     import csv
     import io
-    from checkpoint import write_text
+    from cmal.checkpoint import write_text
     folder = Path(folder)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError
+from cmal.errors import UserError
 
 PUBLISHED_WEIGHTS = {
     "stanford_cars": "https://miil-public-eu.oss-eu-central-1.aliyuncs.com/model-zoo/tresnet/"

@@ -1,6 +1,6 @@
 """Plot the learning curves of a training run from its log.jsonl.
 
-    python plot_curves.py RUN_DIR_OR_LOG [--out curves.png]
+    python -m cmal.tools.plot_curves RUN_DIR_OR_LOG [--out curves.png]
 
 Left panel: training accuracy and the three test accuracies (concat head alone, com2 = the four
 raw-pass heads, combined = those plus the four heads on the joint attention crop: the headline
@@ -18,11 +18,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from checkpoint import JSON_LOG as LOG_NAME
-from checkpoint import RUN_FILES
-from errors import run_command
-from inference import ToolError, check_output
-from settings import parse_bool
+from cmal.checkpoint import JSON_LOG as LOG_NAME
+from cmal.checkpoint import RUN_FILES
+from cmal.errors import run_command
+from cmal.inference import ToolError, check_output
+from cmal.settings import parse_bool
 
 TRAIN_LOSSES = ("train_loss", "loss1", "loss2", "loss3", "loss_att", "loss_concat")
 TEST_ACCURACIES = (("acc_concat", "test concat"), ("acc_com2", "test com2"),

@@ -1,0 +1,383 @@
+"""Train and evaluate CMAL-Net on any train/test image-folder dataset.
+
+    python train.py --data_path=DATA --num_classes=N [--weights=imagenet21k] [--resume] ...
+    torchrun --nproc_per_node=K train.py ...        (several GPUs, or CPU processes)
+
+The dataset scripts (train_Stanford_Cars_TResNet_L.py, ...) call main() with their own defaults;
+`--help` lists every setting (settings.py). A run writes into output_dir: last.pt (every epoch),
+best.pt (best combined test accuracy), results_train.txt / results_test.txt (the reference's
+formats), log.jsonl (one JSON record per epoch), summary.csv and settings.json.
+"""
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cmal import checkpoint as ckpt_io
+from cmal import distributed as dist
+from cmal import settings
+from cmal.data import build_loaders, mix_seed, shutdown_workers
+from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
+from cmal.errors import run_command
+from cmal.model import build_from_settings, compile_network
+from cmal.optimizer import load_optimizer_state, make_optimizer, set_hyperparameters, zero_fill_grads
+from cmal.tresnet import resolve_weights
+
+
+def should_evaluate(epoch, cfg):
+    if epoch == cfg.epochs - 1:
+        return True
+    if cfg.eval_every:
+        return (epoch + 1) % cfg.eval_every == 0
+    # The reference evaluates when epoch < 5 or epoch >= 100, for 200 epochs.
+    return epoch < 5 or epoch >= cfg.epochs // 2
+
+
+def log(*args):
+    if dist.is_main():
+        print(*args, flush=True)
+
+
+def epoch_line(record, cfg, best):
+    line = (f"epoch {record['epoch'] + 1:3d}/{cfg.epochs} | train acc {record['train_acc']:6.2f}% "
+            f"loss {record['train_loss']:.4f} (e1 {record['loss1']:.3f} e2 {record['loss2']:.3f} "
+            f"e3 {record['loss3']:.3f} att {record['loss_att']:.3f} concat "
+            f"{record['loss_concat']:.3f})")
+    if record.get("test"):
+        t = record["test"]
+        line += (f" | test concat {t['acc_concat']:6.2f}% com2 {t['acc_com2']:6.2f}% combined "
+                 f"{t['acc_combined']:6.2f}% (best {best:.2f}%)")
+    if record.get("skipped"):
+        line += f" | {record['skipped']} bad images skipped"
+    return line + f" | {record['time']:.0f}s"
+
+
+class StopRequest:
+    """SIGINT / SIGTERM: finish the current iteration, save, and stop. A second one stops now."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        if dist.is_main():  # os.write: print() is not safe inside a signal handler
+            os.write(1, f"\n{self.signal} received: stopping after this iteration and saving a "
+                        "checkpoint (send it again to stop at once)\n".encode())
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self):
+        local = self.signal is not None
+        return dist.all_reduce_sum([float(local)])[0] > 0 if dist.is_distributed() else local
+
+
+def resume_path(cfg):
+    """The checkpoint to continue from, or None for a fresh start."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        path = Path(cfg.output_dir) / "last.pt"
+        if not path.exists():
+            log(f"--resume: {path} does not exist yet; starting a new run")
+            return None
+        return path
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise ckpt_io.CheckpointError(f"--resume={path}: no such file")
+    return path
+
+
+def restore(ck, path, cfg, classes, model, optimizer, scaler):
+    """Load a checkpoint into the run's objects; return the RunState it holds."""
+    check_classes(ck, classes, path)
+    ckpt_io.load_model_state(model, ck, path)
+    load_optimizer_state(optimizer, ck["optimizer"])
+    # Base rates, momentum and weight decay of the run's settings, which are the checkpoint's
+    # (settings_of_checkpoint); each iteration then sets its scheduled rate.
+    set_hyperparameters(optimizer, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
+    if scaler is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    state = ckpt_io.RunState.from_checkpoint(ck)
+    zero_fill_grads(model)
+    if state.stats:  # the batch size and seed are the checkpoint's (settings_of_checkpoint)
+        ckpt_io.restore_rng(ck["rng"])
+        if not dist.is_main():  # the saved sums cover all processes: count them once
+            state.stats = {**new_epoch_stats(), "position": state.stats["position"]}
+    log(f"resumed from {path}: epoch {state.epoch + 1}"
+        + (f", batch {state.stats['position']}" if state.stats else "")
+        + f", best combined accuracy {state.best_acc:.2f}%")
+    return state
+
+
+def check_classes(ck, classes, path):
+    if ck["classes"] != classes:
+        differ = sorted(set(ck["classes"]) ^ set(classes))
+        raise ckpt_io.CheckpointError(
+            f"{path} was trained on other classes than this data_path's"
+            + (f" (not in both: {differ[:8]})" if differ else " (same names, another order)")
+            + "; point --data_path at the dataset it was trained on")
+
+
+def run(cfg, given=frozenset()):
+    """Train (or with --test_only evaluate) as `cfg` says; return the exit status. `given`: the
+    settings named on the command line (a resumed run takes the others from its checkpoint).
+
+    The output folder is checked and locked first, then the data scanned: a run that cannot
+    save stops before any expensive work. Loader processes end with the run, however it ends.
+    """
+    device = dist.setup_device(cfg)
+    lock = None
+    if not cfg.test_only and dist.is_main():
+        lock = ckpt_io.RunLock(cfg.output_dir).acquire()
+    try:
+        path = evaluated_path(cfg) if cfg.test_only else resume_path(cfg)
+        ck = ckpt_io.load(path) if path else None
+        if ck is not None:
+            cfg = settings_of_checkpoint(cfg, ck, given, path)
+        if not cfg.test_only:
+            check_previous_run(cfg, path)
+        torch.manual_seed(cfg.seed)
+        train_loader, test_loader, classes = build_loaders(cfg, dist.rank(), dist.world_size(),
+                                                           pin_memory=device.type == "cuda")
+        try:
+            return _run(cfg, device, path, ck, train_loader, test_loader, classes)
+        finally:
+            shutdown_workers(train_loader, test_loader)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def evaluated_path(cfg):
+    """The checkpoint --test_only scores: --resume=PATH, else output_dir/best.pt."""
+    return Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else \
+        Path(cfg.output_dir) / "best.pt"
+
+
+def settings_of_checkpoint(cfg, ck, given, path):
+    """The settings a resumed run or an evaluation takes from its checkpoint (see
+    settings.from_checkpoint_for), and --extend's conditions."""
+    cfg, notes = settings.from_checkpoint_for(cfg, ck["settings"], given, path, cfg.test_only)
+    if notes:
+        log(f"settings from {path}: " + ", ".join(notes))
+    if cfg.extend and not cfg.test_only:
+        trained = ck["settings"]["epochs"]
+        if ck["epoch"] < trained or ck["stats"]:
+            raise settings.SettingsError(
+                f"--extend continues a finished run, and {path} stopped in epoch "
+                f"{ck['epoch'] + 1} of {trained}: resume it without --extend first")
+        if cfg.epochs <= trained:
+            raise settings.SettingsError(f"--extend needs --epochs above the {trained} that "
+                                         f"{path} was trained for, got {cfg.epochs}")
+    return cfg
+
+
+def check_previous_run(cfg, path):
+    """Refuse to start over a previous run unless --overwrite, which then removes its files."""
+    out_dir = Path(cfg.output_dir)
+    if path or not (out_dir / "last.pt").exists():
+        return
+    if not cfg.overwrite:
+        raise ckpt_io.CheckpointError(
+            f"{out_dir} already holds a run (last.pt): continue it with --resume, or start a new "
+            "one with --overwrite or another --output_dir")
+    if dist.is_main():
+        ckpt_io.clear_run_files(out_dir)
+    dist.barrier()
+
+
+def _run(cfg, device, path, ck, train_loader, test_loader, classes):
+    cfg.num_classes = cfg.num_classes or len(classes)
+    if cfg.test_only:
+        return test_only(cfg, device, ck, path, test_loader)
+    if not path and cfg.weights:
+        if dist.is_main():  # one download, not one per process
+            resolve_weights(cfg.weights)
+        dist.barrier()
+    return Training(cfg, device, path, ck, train_loader, test_loader, classes).fit()
+
+
+class Training:
+    """One training run: its network, optimizer, data, saver and state, from a fresh start or
+    from a checkpoint; `fit` trains the remaining epochs and decides how the run ends."""
+
+    def __init__(self, cfg, device, path, ck, train_loader, test_loader, classes):
+        self.cfg, self.device = cfg, device
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.amp_dtype = settings.amp_dtype(cfg.amp)
+        self.criterion = nn.CrossEntropyLoss()
+        model = build_from_settings(cfg, device, weights=None if path else cfg.weights)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum,
+                                        cfg.weight_decay, cfg.sgd)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        self.state = restore(ck, path, cfg, classes, model, self.optimizer, self.scaler) \
+            if ck is not None else ckpt_io.RunState()
+        self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
+                                      classes, writes=dist.is_main())
+        self.saver.start(self.state)
+        self.net = self._wrap(model)
+        self.progress = settings.show_progress(cfg) and dist.is_main()
+        log(f"CMAL-Net: {len(train_loader.dataset)} train / {len(test_loader.dataset)} test "
+            f"images, {len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+            f"device {device}"
+            + (f" x {dist.world_size()} processes" if dist.is_distributed() else ""))
+
+    def _wrap(self, model):
+        net = model
+        if dist.is_distributed():
+            # Each of the five passes uses only part of the heads: the others get no gradient.
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        if self.cfg.compile:
+            cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_<user>")
+            log(f"--compile: the first iteration of each input size compiles the network "
+                f"(minutes on a GPU; the kernels are cached in {cache}, so later runs start "
+                "faster)")
+            net = compile_network(net)
+        return net
+
+    def fit(self):
+        """Train to the last epoch or until a signal; the one place that says how the run
+        ended and returns its exit status."""
+        cfg, out_dir = self.cfg, Path(self.cfg.output_dir)
+        with StopRequest() as stop:
+            for epoch in range(self.state.epoch, cfg.epochs):
+                finished = self.epoch(epoch, stop)
+                if not finished or stop.requested():
+                    where = (f"at epoch {epoch + 1}, batch {self.state.stats['position']}"
+                             if not finished else f"after epoch {epoch + 1}")
+                    log(f"stopped by {stop.signal} {where}; {out_dir / 'last.pt'} is saved: "
+                        "continue with --resume")
+                    return 128 + signal.Signals[stop.signal].value
+        best = self.state
+        log(f"done: best combined test accuracy {best.best_acc:.2f}%"
+            + (f" at epoch {best.best_epoch + 1}" if best.best_epoch is not None else "")
+            + f"; checkpoints and logs in {out_dir}")
+        return 0
+
+    def epoch(self, epoch, stop):
+        """Train (the rest of) one epoch, evaluate it when due, and save; False when a signal
+        stopped it midway (its state is then saved as a mid-epoch checkpoint)."""
+        cfg, state = self.cfg, self.state
+        stats = state.stats or new_epoch_stats()
+        if not state.stats:
+            # Each epoch's crop choices depend on (seed, epoch) only, so that an epoch
+            # restarted after a crash repeats exactly.
+            torch.manual_seed(mix_seed(cfg.seed, epoch, 2))
+        per_rank_batch = cfg.batch_size // dist.world_size()
+        self.train_loader.sampler.set_epoch(epoch, start=stats["position"] * per_rank_batch)
+        t0 = time.time()
+
+        def after_batch(stats):
+            if stop.requested():
+                return True
+            if cfg.save_every and stats["position"] % cfg.save_every == 0:
+                self.saver.save(ckpt_io.mid_epoch(state, epoch, reduce_stats(stats)))
+            return False
+
+        stats, finished = train_one_epoch(
+            self.net, self.optimizer, self.train_loader, self.criterion, self.device, epoch,
+            cfg.epochs, stats=stats, amp_dtype=self.amp_dtype, scaler=self.scaler,
+            channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress)
+        dist.broadcast_buffers(self.model)
+        test = None
+        if finished and should_evaluate(epoch, cfg):
+            # A signal during evaluation stops it: the epoch's training is saved below and the
+            # evaluation runs again on resume.
+            test = evaluate(self.net, self.test_loader, self.criterion, self.device,
+                            self.amp_dtype, cfg.channels_last, progress=self.progress,
+                            should_stop=lambda: stop.signal is not None)
+            finished = test is not None
+        if not finished:
+            state.stats = reduce_stats(stats)
+            self.saver.save(ckpt_io.mid_epoch(state, epoch, state.stats))
+            return False
+        record = {"epoch": epoch, **summarise_train(stats),
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "backbone_lr": self.optimizer.param_groups[-1]["lr"]}
+        if test is not None:
+            record["test"] = test
+        record["time"] = time.time() - t0
+        state.history.append(record)
+        is_best = test is not None and test["acc_combined"] > state.best_acc
+        if is_best:
+            state.best_acc, state.best_epoch = test["acc_combined"], epoch
+        state.epoch, state.stats = epoch + 1, None
+        self.saver.end_epoch(state, best=is_best)
+        log(epoch_line(record, cfg, state.best_acc))
+        return True
+
+
+def test_only(cfg, device, ck, path, test_loader):
+    """Score a checkpoint on cfg.data_path's test split, with the network, image size and resize
+    it was trained with (cfg holds them already). Besides the paper's three accuracies, it
+    reports top-5 and mean per-class accuracy, and writes a per-class table and the confusion
+    matrix next to the checkpoint (CHECKPOINT-STEM_evaluation/)."""
+    from cmal.inference import mean_class_accuracy, per_class_rows, write_evaluation_report
+    classes = ck["classes"]
+    check_classes(ck, test_loader.dataset.classes, path)
+    report = path.parent / f"{path.stem}_evaluation"
+    if report.exists() and any(report.iterdir()) and not cfg.overwrite:
+        raise ckpt_io.CheckpointError(f"{report} already holds an evaluation report: pass "
+                                      "--overwrite to replace it, or move it away")
+    model = ckpt_io.model_of(ck, path, device)
+    result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device,
+                      settings.amp_dtype(cfg.amp), cfg.channels_last,
+                      progress=settings.show_progress(cfg) and dist.is_main(),
+                      num_classes=len(classes), flip=cfg.tta_flip)
+    log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
+        f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
+        f"{result['samples']} images")
+    rows = per_class_rows(classes, result["confusion"])
+    log(f"beyond the paper's protocol: top-5 (combined) {result['acc_top5_combined']:.2f}%, "
+        f"mean per-class (combined) {mean_class_accuracy(rows):.2f}%"
+        + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"
+           if cfg.tta_flip else ""))
+    if dist.is_main():
+        written = write_evaluation_report(report, classes, result["confusion"], rows)
+        log(f"per-class accuracy and confusion matrix: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def main(defaults=None, argv=None, description=None):
+    """Entry point of every training script: parse settings, run, and turn known failures into
+    one clear line and a non-zero exit status."""
+    cfg = settings.parse(defaults, argv, description or __doc__.split("\n")[0])
+    given = settings.given_on_command_line(sys.argv[1:] if argv is None else argv)
+    # A KeyboardInterrupt is a second Ctrl-C or SIGTERM (StopRequest), or one before it.
+    stopped = (f"stopped at once; {Path(cfg.output_dir) / 'last.pt'} holds the last saved "
+               "state, if any: continue with --resume")
+    try:
+        return run_command(run, cfg, given, on_interrupt=lambda: stopped)
+    finally:
+        dist.shutdown()
+
+
+def main_from_script(script_globals, argv=None):
+    """main() with the settings block a dataset script defines at its top (names of
+    settings.Settings; a misspelt one stops with the closest valid name)."""
+    doc = (script_globals.get("__doc__") or "").strip()
+    return run_command(lambda: main(settings.from_script(script_globals), argv,
+                                    description=doc.split("\n")[0] or None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
