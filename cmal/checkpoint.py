@@ -28,6 +28,7 @@ TEST_LOG = "results_test.txt"
 JSON_LOG = "log.jsonl"
 SUMMARY = "summary.csv"
 SETTINGS_FILE = "settings.json"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -38,7 +39,8 @@ class OutputDirError(CheckpointError):
     """An output folder that cannot take this run: not a folder, not writable, or in use."""
 
 
-RUN_FILES = ("last.pt", "best.pt", TRAIN_LOG, TEST_LOG, JSON_LOG, SUMMARY, SETTINGS_FILE)
+RUN_FILES = ("last.pt", "best.pt", TRAIN_LOG, TEST_LOG, JSON_LOG, SUMMARY, SETTINGS_FILE,
+             TENSORBOARD_DIR)
 LOCK_NAME = ".run.lock"
 
 
@@ -121,7 +123,11 @@ def clear_run_files(out_dir):
     """Remove a previous run's checkpoints and logs (--overwrite), so that none of them can be
     mistaken for the new run's."""
     for name in RUN_FILES:
-        (Path(out_dir) / name).unlink(missing_ok=True)
+        path = Path(out_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _atomic_write(path, write):
@@ -225,16 +231,61 @@ def load(path):
 class RunState:
     """What a run carries from epoch to epoch and saves in its checkpoints. `epoch`: the next
     epoch to train (0-based); `stats`: the running sums of that epoch when it was interrupted
-    midway (None at an epoch boundary); `history`: one record per finished epoch."""
+    midway (None at an epoch boundary); `history`: one record per finished epoch (its "epoch"
+    0-based); `final_test`: with a validation split, the test result of best.pt, scored once
+    after the last epoch."""
     epoch: int = 0
     stats: Optional[dict] = None
     best_acc: float = 0.0
     best_epoch: Optional[int] = None
     history: list = field(default_factory=list)
+    final_test: Optional[dict] = None
 
     @classmethod
     def from_checkpoint(cls, ckpt):
-        return cls(**{f.name: ckpt[f.name] for f in fields(cls)})
+        # Checkpoints written before a field existed hold its default.
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls) if f.name in ckpt})
+
+
+def tensorboard_writer_class():
+    """torch's SummaryWriter, or a UserError saying how to install what it needs."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package, which is not installed: "
+                        "pip install tensorboard (or pip install -e '.[tensorboard]'), or leave "
+                        "out --tensorboard") from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """The per-epoch numbers as TensorBoard scalars in output_dir/tensorboard/, one step per
+    epoch, counted from 1 as the console counts them."""
+
+    TRAIN = ("train_acc", "train_loss", "loss1", "loss2", "loss3", "loss_att", "loss_concat",
+             "lr", "backbone_lr")
+    EVALUATED = ("acc_concat", "acc_com2", "acc_combined", "loss")
+
+    def __init__(self, out_dir, state):
+        # On resume, events of epochs past the checkpoint (written before a crash) are dropped.
+        self.writer = tensorboard_writer_class()(str(Path(out_dir) / TENSORBOARD_DIR),
+                                                 purge_step=state.epoch + 1 if state.epoch
+                                                 else None)
+
+    def epoch(self, record):
+        step = record["epoch"] + 1
+        for key in self.TRAIN:
+            self.writer.add_scalar(f"train/{key}", record[key], step)
+        for split in ("val", "test"):
+            self.scalars(split, record.get(split), step)
+        self.writer.flush()
+
+    def scalars(self, split, result, step):
+        for key in self.EVALUATED if result else ():
+            self.writer.add_scalar(f"{split}/{key}", result[key], step)
+
+    def close(self):
+        self.writer.close()
 
 
 class RunSaver:
@@ -247,6 +298,7 @@ class RunSaver:
         self.out_dir = Path(out_dir)
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.settings, self.classes, self.writes = settings, classes, writes
+        self.tensorboard = None
 
     def start(self, state):
         """A run (re)starts: leftovers of a killed write go, and the logs hold only the
@@ -255,7 +307,9 @@ class RunSaver:
             remove_partial_files(self.out_dir)
             write_text(self.out_dir / SETTINGS_FILE,
                        json.dumps(self.settings.to_dict(), indent=2, sort_keys=True) + "\n")
-            write_logs(self.out_dir, state.history)
+            write_logs(self.out_dir, state)
+            if self.settings.tensorboard:
+                self.tensorboard = TensorBoardLog(self.out_dir, state)
 
     def save(self, state, best=False):
         """last.pt of `state`; a new best is written to best.pt first and last.pt made a link
@@ -281,7 +335,21 @@ class RunSaver:
         """The checkpoint and the logs of a finished epoch (`state` already past it)."""
         self.save(state, best)
         if self.writes:
-            write_logs(self.out_dir, state.history)
+            write_logs(self.out_dir, state)
+            if self.tensorboard:
+                self.tensorboard.epoch(state.history[-1])
+
+    def end_run(self, state):
+        """The run's last save: last.pt with the final test of best.pt (--val_split), and the
+        logs; the TensorBoard file is closed."""
+        if state.final_test:
+            self.save(state)
+        if self.writes:
+            write_logs(self.out_dir, state)
+            if self.tensorboard:
+                step = state.best_epoch + 1 if state.best_epoch is not None else state.epoch
+                self.tensorboard.scalars("final_test", state.final_test, step)
+                self.tensorboard.close()
 
 
 def mid_epoch(state, epoch, stats):
@@ -327,13 +395,20 @@ def train_line(r):
                r["loss_att"], r["loss_concat"]))
 
 
-def test_line(r):
+def test_line(epoch, test):
     return "Iteration %d, test_acc_combined = %.5f, test_loss = %.6f\n" % (
-        r["epoch"], r["test"]["acc_combined"], r["test"]["loss"])
+        epoch, test["acc_combined"], test["loss"])
 
 
-# summary.csv: timm's columns where they apply, then the paper's three test accuracies; one row
-# per epoch, numbered from 1; the test cells are empty on epochs that were not evaluated.
+def evaluated(record):
+    """The evaluation of an epoch record: on the validation split where the run holds one out,
+    else on the test split (the reference's protocol); None on epochs not evaluated."""
+    return record.get("val") or record.get("test")
+
+
+# summary.csv: timm's columns where they apply, then the paper's three accuracies of the
+# evaluated split (validation where the run holds one out, else test); one row per epoch,
+# numbered from 1; the evaluation cells are empty on epochs that were not evaluated.
 SUMMARY_COLUMNS = ("epoch", "train_loss", "train_acc", "eval_loss", "eval_acc_concat",
                    "eval_acc_com2", "eval_acc_combined", "lr", "backbone_lr", "time")
 
@@ -345,7 +420,7 @@ def summary_csv(history):
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(SUMMARY_COLUMNS)
     for r in history:
-        t = r.get("test") or {}
+        t = evaluated(r) or {}
         writer.writerow([r["epoch"] + 1, f"{r['train_loss']:.6f}", f"{r['train_acc']:.4f}",
                          *(f"{t[k]:.6f}" if k in t else "" for k in ("loss", "acc_concat",
                                                                        "acc_com2",
@@ -354,11 +429,17 @@ def summary_csv(history):
     return out.getvalue()
 
 
-def write_logs(out_dir, history):
+def write_logs(out_dir, state):
     """results_train.txt and results_test.txt in the reference formats (epochs from 0, as the
-    reference numbers them), log.jsonl and summary.csv."""
-    out_dir = Path(out_dir)
+    reference numbers them; with a validation split, results_test.txt holds the one test of
+    best.pt), log.jsonl (epochs from 1, as everything else a person reads) and summary.csv."""
+    out_dir, history = Path(out_dir), state.history
     write_text(out_dir / TRAIN_LOG, "".join(train_line(r) for r in history))
-    write_text(out_dir / TEST_LOG, "".join(test_line(r) for r in history if r.get("test")))
-    write_text(out_dir / JSON_LOG, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+    tests = [(r["epoch"], r["test"]) for r in history if r.get("test")]
+    if state.final_test:
+        tests.append((state.best_epoch if state.best_epoch is not None else len(history) - 1,
+                      state.final_test))
+    write_text(out_dir / TEST_LOG, "".join(test_line(e, t) for e, t in tests))
+    write_text(out_dir / JSON_LOG, "".join(json.dumps({**r, "epoch": r["epoch"] + 1},
+                                                      sort_keys=True) + "\n" for r in history))
     write_text(out_dir / SUMMARY, summary_csv(history))

@@ -11,6 +11,7 @@ import signal
 import stat
 import warnings
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from cmal.errors import UserError
 
 SPLITS = ("train", "test")
+VAL_SPLIT = "val"  # optional: data_path/val/<class>/, used by --val_split=folder
 
 
 class DatasetError(UserError, ValueError):
@@ -233,11 +235,20 @@ class Layout:
                 "the same class folders.")
             return
         self.classes = names["train"]
+        splits = SPLITS
+        if (root / VAL_SPLIT).is_dir():
+            splits += (VAL_SPLIT,)
+            self.samples[VAL_SPLIT] = []
+            if class_folders(root / VAL_SPLIT) != self.classes:
+                self.problems.append(
+                    f"{root / VAL_SPLIT} does not hold the class folders of {root}/train; a "
+                    "validation folder needs the same classes (or remove it)")
+                return
         if num_classes is not None and len(self.classes) != num_classes:
             self.problems.append(
                 f"{root}/train has {len(self.classes)} class folders but num_classes is "
                 f"{num_classes}; fix the data or pass --num_classes={len(self.classes)}")
-        for split in SPLITS:
+        for split in splits:
             empty = []
             owner = {}  # real path of each image -> its class folder, for files linked twice
             for target, name in enumerate(self.classes):
@@ -456,14 +467,61 @@ def _ignore_interrupts(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def hold_out(samples, fraction, seed):
+    """(train, val): `fraction` of each class's samples held out for validation, chosen by
+    `seed` (rounded, at least one, and at least one left for training); each keeps the order of
+    `samples`."""
+    labels = torch.tensor([target for _, target in samples])
+    generator = torch.Generator().manual_seed(mix_seed(seed, 0x7A1))
+    held = torch.zeros(len(samples), dtype=torch.bool)
+    for target in labels.unique().tolist():
+        members = (labels == target).nonzero().flatten()
+        if len(members) < 2:
+            raise DatasetError(f"the class of {samples[members[0]][0]} has one training image: "
+                               "--val_split needs two per class (one to train on, one to "
+                               "validate); add images or use a val/ folder")
+        count = min(max(1, round(fraction * len(members))), len(members) - 1)
+        held[members[torch.randperm(len(members), generator=generator)[:count]]] = True
+    return ([s for s, h in zip(samples, held.tolist()) if not h],
+            [s for s, h in zip(samples, held.tolist()) if h])
+
+
+def split_samples(cfg, samples):
+    """The samples of each split this run uses: train and test, and with --val_split a
+    validation split (held out from train, or data_path/val/)."""
+    from cmal.settings import val_fraction
+    splits = {"train": samples["train"], "test": samples["test"]}
+    if cfg.val_split == "folder":
+        if VAL_SPLIT not in samples:
+            raise DatasetError(f"--val_split=folder but {cfg.data_path} has no '{VAL_SPLIT}' "
+                               f"folder; add {cfg.data_path}/{VAL_SPLIT}/<class>/ or hold out a "
+                               "part of train with --val_split=0.1")
+        splits[VAL_SPLIT] = samples[VAL_SPLIT]
+    elif val_fraction(cfg):
+        splits["train"], splits[VAL_SPLIT] = hold_out(samples["train"], val_fraction(cfg),
+                                                      cfg.seed)
+    elif VAL_SPLIT in samples:
+        warnings.warn(f"{cfg.data_path}/{VAL_SPLIT} is not used: best.pt is chosen on test, as "
+                      "the reference does; --val_split=folder chooses it on this folder")
+    return splits
+
+
+class Loaders(NamedTuple):
+    train: DataLoader
+    test: DataLoader
+    classes: list
+    val: Optional[DataLoader] = None  # with --val_split
+
+
 def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
-    """Train and test loaders of cfg.data_path, checked first; also returns the class names."""
+    """The loaders of cfg.data_path's splits, checked first, and the class names."""
     classes, samples = check_layout(cfg.data_path, cfg.num_classes)
     allow_images_up_to(cfg.max_image_pixels)
     # Before training, so that an unreadable file stops the run in its first seconds and not at
     # its batch, or for the test split after a whole epoch.
-    samples = {split: check_images(samples[split], cfg.max_image_pixels, cfg.skip_bad_images,
-                                   split, cfg.check_images) for split in SPLITS}
+    samples = {split: check_images(found, cfg.max_image_pixels, cfg.skip_bad_images, split,
+                                   cfg.check_images)
+               for split, found in split_samples(cfg, samples).items()}
     if cfg.batch_size % world_size or cfg.batch_size // world_size < 2:
         raise DatasetError(f"batch_size={cfg.batch_size} must split into at least two samples "
                            f"for each of the {world_size} processes")
@@ -476,16 +534,18 @@ def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
     draft = cfg.resize if cfg.fast_decode else None
     train_set = ImageDataset(samples["train"], classes, train_tf, cfg.skip_bad_images,
                              cfg.max_image_pixels, draft)
-    test_set = ImageDataset(samples["test"], classes, test_tf, cfg.skip_bad_images,
-                            cfg.max_image_pixels, draft)
+    evaluated = {split: ImageDataset(samples[split], classes, test_tf, cfg.skip_bad_images,
+                                     cfg.max_image_pixels, draft)
+                 for split in ("test", VAL_SPLIT) if split in samples}
     train = DataLoader(train_set, batch_size=cfg.batch_size // world_size, drop_last=True,
                        sampler=EpochSampler(len(train_set), cfg.seed, True, rank, world_size),
                        generator=torch.Generator().manual_seed(cfg.seed), **common)
-    test = DataLoader(test_set, batch_size=cfg.test_batch_size,
-                      sampler=EpochSampler(len(test_set), cfg.seed, False, rank, world_size,
-                                           pad=False),
-                      generator=torch.Generator().manual_seed(cfg.seed), **common)
+    ordered = {split: DataLoader(dataset, batch_size=cfg.test_batch_size,
+                                 sampler=EpochSampler(len(dataset), cfg.seed, False, rank,
+                                                      world_size, pad=False),
+                                 generator=torch.Generator().manual_seed(cfg.seed), **common)
+               for split, dataset in evaluated.items()}
     if len(train) == 0:
         raise DatasetError(f"{cfg.data_path}/train has {len(train_set)} images, fewer than one "
                            f"batch of {cfg.batch_size}; lower --batch_size or add images")
-    return train, test, classes
+    return Loaders(train, ordered["test"], classes, ordered.get(VAL_SPLIT))

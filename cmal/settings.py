@@ -44,6 +44,27 @@ def _parse_progress(text):
     return value if value == "auto" else str(parse_bool(value)).lower()
 
 
+def parse_val_split(text):
+    """--val_split: 'none', 'folder', or the held-out fraction of train (0 < F < 1) as text."""
+    value = str(text).strip().lower()
+    if value in ("none", "folder", ""):
+        return value or "none"
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected none, folder or a fraction such as 0.1, got "
+                                         f"{text!r}") from None
+    if not 0 < fraction < 1:
+        raise argparse.ArgumentTypeError(f"a held-out fraction lies strictly between 0 and 1, "
+                                         f"got {text!r}")
+    return repr(fraction)
+
+
+def val_fraction(cfg):
+    """The fraction of train --val_split holds out, or None (no split, or the val/ folder)."""
+    return None if cfg.val_split in ("none", "folder") else float(cfg.val_split)
+
+
 def show_progress(cfg):
     """Whether this process draws progress bars (--progress, and auto: on a terminal)."""
     if cfg.progress == "auto":
@@ -94,6 +115,12 @@ class Settings:
     eval_every: int = _setting(
         0, int, "evaluate every N epochs; 0 keeps the reference schedule (the first 5 epochs and "
                 "the second half) and the last epoch")
+    val_split: str = _setting(
+        "none", parse_val_split,
+        "model selection: none (the reference's protocol: best.pt is the epoch best on test), "
+        "a fraction such as 0.1 (a stratified, seeded part of train held out for validation) or "
+        "folder (data_path/val/<class>/); with either, best.pt is chosen on validation and the "
+        "test split is scored once, with best.pt, after the last epoch")
     seed: int = _setting(0, int, "seed of initialisation, data order, augmentation and crop "
                                  "choices")
     device: str = _setting("auto", str, "cuda, cpu, cuda:1, ... (auto: cuda when available)")
@@ -155,6 +182,9 @@ class Settings:
     tta_flip: bool = _setting(
         False, parse_bool, "--test_only: also score each test image together with its mirror "
                            "image (beyond the paper's protocol, reported apart)", bare=True)
+    tensorboard: bool = _setting(
+        False, parse_bool, "also write TensorBoard event files into output_dir/tensorboard/ "
+                           "(needs the tensorboard package: pip install tensorboard)", bare=True)
     extend: bool = _setting(
         False, parse_bool, "with --resume: continue a finished run to a larger --epochs (the "
                            "cosine schedule is stretched over the new total)", bare=True)
@@ -323,4 +353,10 @@ def validate(cfg):
                  "weight_decay"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} cannot be negative, got {getattr(cfg, name)}")
+    if cfg.tensorboard:
+        from cmal.checkpoint import tensorboard_writer_class
+        try:
+            tensorboard_writer_class()
+        except UserError as exc:
+            problems.append(str(exc))
     return problems

@@ -5,8 +5,9 @@
 
 The dataset scripts (train_Stanford_Cars_TResNet_L.py, ...) call main() with their own defaults;
 `--help` lists every setting (settings.py). A run writes into output_dir: last.pt (every epoch),
-best.pt (best combined test accuracy), results_train.txt / results_test.txt (the reference's
-formats), log.jsonl (one JSON record per epoch), summary.csv and settings.json.
+best.pt (best combined test accuracy; with --val_split, best on validation), results_train.txt /
+results_test.txt (the reference's formats), log.jsonl (one JSON record per epoch), summary.csv,
+settings.json, and with --tensorboard the event files in tensorboard/.
 """
 import os
 import signal
@@ -47,9 +48,9 @@ def epoch_line(record, cfg, best):
             f"loss {record['train_loss']:.4f} (e1 {record['loss1']:.3f} e2 {record['loss2']:.3f} "
             f"e3 {record['loss3']:.3f} att {record['loss_att']:.3f} concat "
             f"{record['loss_concat']:.3f})")
-    if record.get("test"):
-        t = record["test"]
-        line += (f" | test concat {t['acc_concat']:6.2f}% com2 {t['acc_com2']:6.2f}% combined "
+    if ckpt_io.evaluated(record):
+        t, split = ckpt_io.evaluated(record), "val" if record.get("val") else "test"
+        line += (f" | {split} concat {t['acc_concat']:6.2f}% com2 {t['acc_com2']:6.2f}% combined "
                  f"{t['acc_combined']:6.2f}% (best {best:.2f}%)")
     if record.get("skipped"):
         line += f" | {record['skipped']} bad images skipped"
@@ -151,12 +152,13 @@ def run(cfg, given=frozenset()):
         if not cfg.test_only:
             check_previous_run(cfg, path)
         torch.manual_seed(cfg.seed)
-        train_loader, test_loader, classes = build_loaders(cfg, dist.rank(), dist.world_size(),
-                                                           pin_memory=device.type == "cuda")
+        loaders = build_loaders(cfg, dist.rank(), dist.world_size(),
+                                pin_memory=device.type == "cuda")
         try:
-            return _run(cfg, device, path, ck, train_loader, test_loader, classes)
+            return _run(cfg, device, path, ck, loaders)
         finally:
-            shutdown_workers(train_loader, test_loader)
+            shutdown_workers(*(loader for loader in (loaders.train, loaders.test, loaders.val)
+                               if loader is not None))
     finally:
         if lock is not None:
             lock.release()
@@ -200,24 +202,27 @@ def check_previous_run(cfg, path):
     dist.barrier()
 
 
-def _run(cfg, device, path, ck, train_loader, test_loader, classes):
-    cfg.num_classes = cfg.num_classes or len(classes)
+def _run(cfg, device, path, ck, loaders):
+    cfg.num_classes = cfg.num_classes or len(loaders.classes)
     if cfg.test_only:
-        return test_only(cfg, device, ck, path, test_loader)
+        return test_only(cfg, device, ck, path, loaders.test)
     if not path and cfg.weights:
         if dist.is_main():  # one download, not one per process
             resolve_weights(cfg.weights)
         dist.barrier()
-    return Training(cfg, device, path, ck, train_loader, test_loader, classes).fit()
+    return Training(cfg, device, path, ck, loaders).fit()
 
 
 class Training:
     """One training run: its network, optimizer, data, saver and state, from a fresh start or
     from a checkpoint; `fit` trains the remaining epochs and decides how the run ends."""
 
-    def __init__(self, cfg, device, path, ck, train_loader, test_loader, classes):
+    def __init__(self, cfg, device, path, ck, loaders):
         self.cfg, self.device = cfg, device
-        self.train_loader, self.test_loader = train_loader, test_loader
+        self.train_loader, self.test_loader = loaders.train, loaders.test
+        # Where best.pt is chosen: a validation split (--val_split), else test (the reference).
+        self.selection_loader = loaders.val or loaders.test
+        classes = loaders.classes
         self.amp_dtype = settings.amp_dtype(cfg.amp)
         self.criterion = nn.CrossEntropyLoss()
         model = build_from_settings(cfg, device, weights=None if path else cfg.weights)
@@ -234,8 +239,10 @@ class Training:
         self.saver.start(self.state)
         self.net = self._wrap(model)
         self.progress = settings.show_progress(cfg) and dist.is_main()
-        log(f"CMAL-Net: {len(train_loader.dataset)} train / {len(test_loader.dataset)} test "
-            f"images, {len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        log(f"CMAL-Net: {len(loaders.train.dataset)} train / "
+            + (f"{len(loaders.val.dataset)} validation / " if loaders.val else "")
+            + f"{len(loaders.test.dataset)} test images, {len(classes)} classes, {cfg.epochs} "
+            f"epochs, batch {cfg.batch_size}, "
             f"device {device}"
             + (f" x {dist.world_size()} processes" if dist.is_distributed() else ""))
 
@@ -267,11 +274,42 @@ class Training:
                     log(f"stopped by {stop.signal} {where}; {out_dir / 'last.pt'} is saved: "
                         "continue with --resume")
                     return 128 + signal.Signals[stop.signal].value
+            if self.validated() and self.state.final_test is None:
+                if not self.final_test(stop):
+                    log(f"stopped by {stop.signal} while scoring best.pt on test; continue with "
+                        "--resume to score it")
+                    return 128 + signal.Signals[stop.signal].value
+        self.saver.end_run(self.state)
         best = self.state
-        log(f"done: best combined test accuracy {best.best_acc:.2f}%"
+        split = "validation" if self.validated() else "test"
+        log(f"done: best combined {split} accuracy {best.best_acc:.2f}%"
             + (f" at epoch {best.best_epoch + 1}" if best.best_epoch is not None else "")
+            + (f"; test accuracy of best.pt (scored once): combined "
+               f"{best.final_test['acc_combined']:.2f}%" if best.final_test else "")
             + f"; checkpoints and logs in {out_dir}")
         return 0
+
+    def validated(self):
+        return self.selection_loader is not self.test_loader
+
+    def final_test(self, stop):
+        """Score best.pt (the epoch best on validation) on the test split, once; False when a
+        signal stopped it."""
+        path, state = Path(self.cfg.output_dir) / "best.pt", self.state
+        # A network of its own: the run's keeps the last epoch's weights, which last.pt holds.
+        net = self.net if state.best_epoch is None else \
+            ckpt_io.model_of(ckpt_io.load(path), path, self.device)
+        test = evaluate(net, self.test_loader, self.criterion, self.device, self.amp_dtype,
+                        self.cfg.channels_last, progress=self.progress,
+                        should_stop=lambda: stop.signal is not None)
+        if test is None:
+            return False
+        state.final_test = test
+        epoch = state.best_epoch + 1 if state.best_epoch is not None else state.epoch
+        log(f"best.pt (epoch {epoch}, chosen on validation) on test, scored once: concat "
+            f"{test['acc_concat']:.2f}% com2 {test['acc_com2']:.2f}% combined "
+            f"{test['acc_combined']:.2f}%")
+        return True
 
     def epoch(self, epoch, stop):
         """Train (the rest of) one epoch, evaluate it when due, and save; False when a signal
@@ -298,14 +336,14 @@ class Training:
             cfg.epochs, stats=stats, amp_dtype=self.amp_dtype, scaler=self.scaler,
             channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress)
         dist.broadcast_buffers(self.model)
-        test = None
+        scored = None
         if finished and should_evaluate(epoch, cfg):
             # A signal during evaluation stops it: the epoch's training is saved below and the
             # evaluation runs again on resume.
-            test = evaluate(self.net, self.test_loader, self.criterion, self.device,
+            scored = evaluate(self.net, self.selection_loader, self.criterion, self.device,
                             self.amp_dtype, cfg.channels_last, progress=self.progress,
                             should_stop=lambda: stop.signal is not None)
-            finished = test is not None
+            finished = scored is not None
         if not finished:
             state.stats = reduce_stats(stats)
             self.saver.save(ckpt_io.mid_epoch(state, epoch, state.stats))
@@ -313,13 +351,13 @@ class Training:
         record = {"epoch": epoch, **summarise_train(stats),
                   "lr": self.optimizer.param_groups[0]["lr"],
                   "backbone_lr": self.optimizer.param_groups[-1]["lr"]}
-        if test is not None:
-            record["test"] = test
+        if scored is not None:
+            record["val" if self.validated() else "test"] = scored
         record["time"] = time.time() - t0
         state.history.append(record)
-        is_best = test is not None and test["acc_combined"] > state.best_acc
+        is_best = scored is not None and scored["acc_combined"] > state.best_acc
         if is_best:
-            state.best_acc, state.best_epoch = test["acc_combined"], epoch
+            state.best_acc, state.best_epoch = scored["acc_combined"], epoch
         state.epoch, state.stats = epoch + 1, None
         self.saver.end_epoch(state, best=is_best)
         log(epoch_line(record, cfg, state.best_acc))

@@ -465,3 +465,17 @@ def test_command_line_help_and_user_error_without_traceback(tmp_path):
     assert refused.returncode == 2 and refused.stderr.startswith("error: ")
     assert "does not look like FGVC-Aircraft" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_food11_validation_to_val_feeds_val_split_folder(tmp_path, capsys):
+    from cmal.data import check_layout as scan
+    src = make_food11_flat(tmp_path / "dl")
+    code, out_text, _ = run(capsys, "food11", src, tmp_path / "out", "--validation_to", "val")
+    out = tmp_path / "out"
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]
+    assert classes(out, "val") == classes(out, "train")
+    assert (len(images(out, "train")), len(images(out, "val")), len(images(out, "test"))) == \
+        (33, 22, 11)
+    assert "Bread/validation_0_0.jpg" in images(out, "val")
+    assert len(scan(out)[1]["val"]) == 22  # what --val_split=folder trains against

@@ -7,7 +7,8 @@ raw-pass heads, combined = those plus the four heads on the joint attention crop
 number) against the epoch. Right panel: the training losses (train_loss, the reference's sum
 loss1 + loss2 + loss3 + loss_concat, and the five losses of an iteration's passes) and the test
 loss (cross entropy of the concat head). Test values exist only on evaluated epochs and are drawn
-as points. Epochs are counted from 1, as train.py prints them (the logs' "Iteration" is 0-based).
+as points; a run with --val_split shows its validation values instead. Epochs are counted from 1,
+as log.jsonl and the console count them (the reference-format logs' "Iteration" is 0-based).
 """
 import argparse
 import json
@@ -25,8 +26,8 @@ from cmal.inference import ToolError, check_output
 from cmal.settings import parse_bool
 
 TRAIN_LOSSES = ("train_loss", "loss1", "loss2", "loss3", "loss_att", "loss_concat")
-TEST_ACCURACIES = (("acc_concat", "test concat"), ("acc_com2", "test com2"),
-                   ("acc_combined", "test combined"))
+EVALUATED_ACCURACIES = (("acc_concat", "concat"), ("acc_com2", "com2"),
+                        ("acc_combined", "combined"))
 
 
 def parse_args(argv):
@@ -69,6 +70,8 @@ def read_log(target):
         records.append(record)
     if not records:
         raise ToolError(f"{path} is empty: no epoch of the run has finished yet; plot it later")
+    if any(r["epoch"] == 0 for r in records):  # written before log.jsonl counted from 1
+        records = [{**r, "epoch": r["epoch"] + 1} for r in records]
     return path, sorted(records, key=lambda r: r["epoch"])
 
 
@@ -77,7 +80,7 @@ def _series(records, key, sub=None):
     for r in records:
         source = r.get(sub) if sub else r
         if isinstance(source, dict) and isinstance(source.get(key), (int, float)):
-            xs.append(r["epoch"] + 1)
+            xs.append(r["epoch"])
             ys.append(source[key])
     return xs, ys
 
@@ -89,14 +92,18 @@ def draw(records, title):
     style = dict(linewidth=1.5, markersize=4)
     acc.plot(*_series(records, "train_acc"), "-", marker=".", color="black", label="train",
              **style)
-    tested = [r for r in records if isinstance(r.get("test"), dict) and "acc_combined" in r["test"]]
-    best = max(tested, key=lambda r: r["test"]["acc_combined"]) if tested else None
+    # The split best.pt was chosen on: validation (--val_split), else test.
+    split = "val" if any(isinstance(r.get("val"), dict) for r in records) else "test"
+    scored = [r for r in records if isinstance(r.get(split), dict) and "acc_combined" in r[split]]
+    best = max(scored, key=lambda r: r[split]["acc_combined"]) if scored else None
     # Distinct markers, largest first: equal accuracies (common) stay visible.
-    for (key, label), color, marker, size in zip(TEST_ACCURACIES, ("tab:blue", "tab:orange",
-                                                                   "tab:red"), "os^", (8, 6, 4)):
+    for (key, label), color, marker, size in zip(EVALUATED_ACCURACIES,
+                                                 ("tab:blue", "tab:orange", "tab:red"), "os^",
+                                                 (8, 6, 4)):
+        label = f"{split} {label}"
         if key == "acc_combined" and best:
-            label += f" (best {best['test']['acc_combined']:.2f}% at epoch {best['epoch'] + 1})"
-        acc.plot(*_series(records, key, "test"), "--", marker=marker, color=color, label=label,
+            label += f" (best {best[split]['acc_combined']:.2f}% at epoch {best['epoch']})"
+        acc.plot(*_series(records, key, split), "--", marker=marker, color=color, label=label,
                  linewidth=1.5, markersize=size)
     acc.set_ylabel("accuracy (%)")
     acc.set_title("accuracy")
@@ -109,9 +116,9 @@ def draw(records, title):
         loss.plot(xs, ys, "-", marker=".", color=color,
                   label="train_loss (1+2+3+concat)" if key == "train_loss" else key,
                   linewidth=2.0 if key == "train_loss" else 1.2, markersize=4)
-    xs, ys = _series(records, "loss", "test")
+    xs, ys = _series(records, "loss", split)
     positive &= all(y > 0 for y in ys)
-    loss.plot(xs, ys, "--o", color="tab:red", label="test loss (concat CE)", **style)
+    loss.plot(xs, ys, "--o", color="tab:red", label=f"{split} loss (concat CE)", **style)
     if positive:
         loss.set_yscale("log")
         # Plain numbers (0.3, 2, 10) rather than powers of ten, at 1, 2, 3 and 5 per decade.

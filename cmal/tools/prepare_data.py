@@ -2,7 +2,7 @@
 
     python -m cmal.tools.prepare_data aircraft SRC OUT [--copy]
     python -m cmal.tools.prepare_data cars     SRC OUT [--copy]
-    python -m cmal.tools.prepare_data food11   SRC OUT [--copy] [--validation_to {train,test,skip}]
+    python -m cmal.tools.prepare_data food11   SRC OUT [--copy] [--validation_to {train,test,val,skip}]
 
 OUT receives train/<class>/<image> and test/<class>/<image>, with the same class folders in both
 splits. The source is only read. Files are hard links to the source by default (symbolic links,
@@ -484,8 +484,9 @@ def parse_args(argv):
                    help="copy the images instead of hard-linking them to the source (by default "
                         "hard links, or symbolic links, then copies, where linking fails; "
                         "aircraft images are always new files)")
-    p.add_argument("--validation_to", choices=("train", "test", "skip"), default="train",
-                   help="food11 only: where the validation images go (default: train)")
+    p.add_argument("--validation_to", choices=("train", "test", "val", "skip"), default="train",
+                   help="food11 only: where the validation images go (default: train; val: "
+                        "OUT/val/, for training with --val_split=folder)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads writing images (default: number of CPUs)")
     return p.parse_args(argv)
