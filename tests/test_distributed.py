@@ -90,3 +90,21 @@ def test_skipped_images_do_not_desynchronise_the_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [2, 2]
+
+
+def test_validation_split_over_two_processes(data, tmp_path, capsys):
+    """--val_split under torchrun: the hold-out is the same on both ranks, each validation and
+    the one test of best.pt count every image once, and that test equals --test_only's."""
+    out = tmp_path / "run"
+    proc = torchrun("killer.py", "none", "0", f"--data_path={data}", f"--output_dir={out}",
+                    "--epochs=2", "--val_split=0.25", *ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "18 train / 6 validation / 9 test images" in proc.stdout
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["val"]["samples"] for r in records] == [6, 6]
+    final = ckpt_io.load(out / "last.pt")["final_test"]
+    assert final["samples"] == 9
+    assert train.main({"data_path": str(data), "output_dir": str(out)},
+                      ARGS + ["--test_only"]) == 0
+    assert (f"combined {final['acc_combined']:.2f}% loss {final['loss']:.4f} on 9 images"
+            in capsys.readouterr().out)
