@@ -221,7 +221,7 @@ class Training:
         self.cfg, self.device = cfg, device
         self.train_loader, self.test_loader = loaders.train, loaders.test
         # Where best.pt is chosen: a validation split (--val_split), else test (the reference).
-        self.selection_loader = loaders.val or loaders.test
+        self.selection_loader = loaders.test if loaders.val is None else loaders.val
         classes = loaders.classes
         self.amp_dtype = settings.amp_dtype(cfg.amp)
         self.criterion = nn.CrossEntropyLoss()

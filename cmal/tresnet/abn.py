@@ -33,6 +33,18 @@ _ACTIVATIONS = ("leaky_relu", "identity")
 _warned = False
 
 
+def _abn_affine(x, weight, bias, mean, var, eps, slope):
+    """(y, inv_std, scale): x (N, C, S) normalised with `mean` and `var`, scaled by |weight| + eps,
+    shifted by `bias`, then the leaky activation (`slope`) or none (slope None)."""
+    abs_weight = torch.where(weight < 0, -weight, weight) + eps
+    inv_std = 1 / torch.sqrt(var + eps)
+    scale = abs_weight * inv_std
+    y = x * scale[:, None] + (bias - mean * abs_weight * inv_std)[:, None]
+    if slope is not None:
+        y = F.leaky_relu(y, slope, inplace=True)
+    return y, inv_std, scale
+
+
 class _ABNFunction(torch.autograd.Function):
     """Batch norm with an |weight| + eps scale and a leaky or identity activation, on (N, C, S).
 
@@ -52,12 +64,7 @@ class _ABNFunction(torch.autograd.Function):
             running_var.mul_(1 - momentum).add_(momentum * var * count / (count - 1))
         else:
             mean, var = running_mean, running_var
-        abs_weight = torch.where(weight < 0, -weight, weight) + eps
-        inv_std = 1 / torch.sqrt(var + eps)
-        scale = abs_weight * inv_std
-        y = x * scale[:, None] + (bias - mean * abs_weight * inv_std)[:, None]
-        if slope is not None:
-            y = F.leaky_relu(y, slope, inplace=True)
+        y, inv_std, scale = _abn_affine(x, weight, bias, mean, var, eps, slope)
         ctx.save_for_backward(x, y, weight, mean, inv_std, scale)
         ctx.training, ctx.slope = training, slope
         return y
@@ -114,6 +121,12 @@ class PureABN(nn.Module):
                                  f"statistics, got input of shape {tuple(x.shape)}")
             self.num_batches_tracked.add_(1)
         slope = self.activation_param if self.activation == "leaky_relu" else None
+        if torch.jit.is_tracing() and not self.training:
+            # TorchScript cannot record a Python autograd.Function: the same arithmetic, inline
+            # (cmal.export traces the network in eval mode).
+            y = _abn_affine(flat, self.weight, self.bias, self.running_mean, self.running_var,
+                            self.eps, slope)[0]
+            return y.view_as(x)
         y = _ABNFunction.apply(flat, self.weight, self.bias, self.running_mean, self.running_var,
                                self.training, self.momentum, self.eps, slope)
         return y.view_as(x)
