@@ -15,6 +15,11 @@ from cmal.optimizer import set_learning_rates
 from cmal.utils import attention_im, highlight_im, map_generate
 
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
+# Variants of the iteration (--ablation). none: the reference's. no_crops: no attention crops,
+# every pass on the raw batch (no attention maps are computed; the two flags are still drawn, so
+# the random stream stays the reference's). no_joint_crop: step 5 (all heads on the joint crop)
+# left out: four passes and four optimizer steps, loss_att reported as 0.
+ABLATIONS = ("none", "no_crops", "no_joint_crop")
 
 
 class NonFiniteError(UserError, FloatingPointError):
@@ -38,13 +43,16 @@ def _autocast(device, amp_dtype):
 
 
 def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=None,
-               amp_dtype=None, scaler=None):
+               amp_dtype=None, scaler=None, ablation="none"):
     """One CMAL-Net iteration (spec section 4): five forward passes and five optimizer steps.
 
     e3 on the raw batch; attention crops from that pass; e2 and e1 on a crop or the raw batch
     chosen by torch.rand(1); all heads on the joint crop; the concatenation on the raw batch.
     With `epoch` and `nb_epoch` the group learning rates are first set by the cosine schedule.
+    `ablation`: one of ABLATIONS.
     """
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
     if epoch is not None:
         set_learning_rates(optimizer, epoch, nb_epoch)
     device = inputs.device
@@ -69,12 +77,15 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
         return criterion(logits.float(), targets)
 
     out, loss3 = optimise(lambda o: ce(o.logits3), inputs)
-    with torch.no_grad():
-        a1, a2, a3 = attention_maps(net, out)
-        inputs3_att = attention_im(inputs, a3)
-        inputs2_att = attention_im(inputs, a2)
-        inputs1_att = attention_im(inputs, a1)
-        inputs_att = highlight_im(inputs, a1, a2, a3)
+    if ablation == "no_crops":
+        inputs3_att = inputs2_att = inputs1_att = inputs_att = inputs
+    else:
+        with torch.no_grad():
+            a1, a2, a3 = attention_maps(net, out)
+            inputs3_att = attention_im(inputs, a3)
+            inputs2_att = attention_im(inputs, a2)
+            inputs1_att = attention_im(inputs, a1)
+            inputs_att = None if ablation == "no_joint_crop" else highlight_im(inputs, a1, a2, a3)
     del out
 
     flag = torch.rand(1)
@@ -83,8 +94,11 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
     flag = torch.rand(1)
     x1 = inputs3_att if flag < 1 / 3 else inputs2_att if flag < 2 / 3 else inputs
     _, loss1 = optimise(lambda o: ce(o.logits1), x1)
-    _, loss_att = optimise(lambda o: ce(o.logits1) + ce(o.logits2) + ce(o.logits3)
-                           + ce(o.logits_concat) * 2, inputs_att)
+    if inputs_att is None:
+        loss_att = loss3.new_zeros(())
+    else:
+        _, loss_att = optimise(lambda o: ce(o.logits1) + ce(o.logits2) + ce(o.logits3)
+                               + ce(o.logits_concat) * 2, inputs_att)
     out, loss_concat = optimise(lambda o: ce(o.logits_concat) * 2, inputs)
 
     correct = (out.logits_concat.detach().argmax(1) == targets).sum()
@@ -111,12 +125,16 @@ def new_epoch_stats():
 
 def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, stats=None,
                     amp_dtype=None, scaler=None, channels_last=False, after_batch=None,
-                    progress=True):
+                    progress=True, iteration=None):
     """Train for the rest of one epoch; return (stats, finished).
+
+    `iteration`: what one batch runs, with train_step's signature (train_step with an ablation,
+    or the baseline's); by default train_step.
 
     `stats` carries the running sums when an epoch is resumed midway. `after_batch(stats)` is
     called after every iteration; when it returns True the epoch stops early (finished=False).
     """
+    iteration = iteration or train_step  # looked up now: tests/killer.py replaces it
     net.train()
     stats = stats or new_epoch_stats()
     bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
@@ -138,8 +156,8 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         try:
-            step = train_step(net, optimizer, inputs, targets, criterion, epoch, nb_epoch,
-                              amp_dtype=amp_dtype, scaler=scaler)
+            step = iteration(net, optimizer, inputs, targets, criterion, epoch, nb_epoch,
+                             amp_dtype=amp_dtype, scaler=scaler)
         except NonFiniteError as exc:
             raise NonFiniteError(
                 f"non-finite training loss at epoch {epoch + 1}, batch {stats['position']} "

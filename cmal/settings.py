@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from cmal.data import CHECKS
+from cmal.engine import ABLATIONS
 from cmal.errors import UserError
 from cmal.optimizer import SGD_IMPLS
 from cmal.tresnet import ABN_CHOICES
@@ -127,6 +128,10 @@ class Settings:
     head_mid: int = _setting(512, int, "channels of the first conv of each expert's block")
     head_features: int = _setting(1024, int, "channels of each expert's feature map")
     head_hidden: int = _setting(512, int, "hidden width of each classifier")
+    ablation: str = _setting(
+        "none", str, "a variant of CMAL-Net's iteration: none (the reference's), no_crops (no "
+                     "attention crops: every pass on the raw batch) or no_joint_crop (step 5, all "
+                     "heads on the joint crop, left out)", choices=ABLATIONS)
     abn: str = _setting(
         "auto", str, "activated batch norm, the same function in three implementations: inplace "
                      "(inplace_abn, least memory), pure (PyTorch, InPlaceABN's rounding), native "
@@ -184,10 +189,11 @@ CHANGEABLE_ON_RESUME = frozenset({
     "extend", "tta_flip",
     "output_dir", "save_every", "check_images", "skip_bad_images", "max_image_pixels",
     "test_batch_size", "deterministic", "sgd", "compile"})
-# What evaluating a checkpoint takes from it: the network and the images it was trained on.
+# What evaluating a checkpoint takes from it: the network, the images it was trained on, and how
+# it was trained (named in the printout).
 EVALUATED_AS_TRAINED = frozenset({
     "num_classes", "layers", "width_factor", "head_mid", "head_features", "head_hidden",
-    "image_size", "resize"})
+    "image_size", "resize", "ablation"})
 
 
 def given_on_command_line(argv):
@@ -323,4 +329,7 @@ def validate(cfg):
                  "weight_decay"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} cannot be negative, got {getattr(cfg, name)}")
+    if cfg.ablation not in ABLATIONS:
+        problems.append(f"--ablation must be one of {', '.join(ABLATIONS)}, got "
+                        f"{cfg.ablation!r}")
     return problems

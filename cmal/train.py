@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from cmal import checkpoint as ckpt_io
 from cmal import distributed as dist
+from cmal import methods
 from cmal import settings
 from cmal.data import build_loaders, mix_seed, shutdown_workers
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
@@ -234,9 +235,10 @@ class Training:
         self.saver.start(self.state)
         self.net = self._wrap(model)
         self.progress = settings.show_progress(cfg) and dist.is_main()
-        log(f"CMAL-Net: {len(train_loader.dataset)} train / {len(test_loader.dataset)} test "
-            f"images, {len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-            f"device {device}"
+        self.iteration = methods.iteration_for(cfg)
+        log(f"{methods.describe(cfg)}: {len(train_loader.dataset)} train / "
+            f"{len(test_loader.dataset)} test images, {len(classes)} classes, {cfg.epochs} "
+            f"epochs, batch {cfg.batch_size}, device {device}"
             + (f" x {dist.world_size()} processes" if dist.is_distributed() else ""))
 
     def _wrap(self, model):
@@ -296,7 +298,8 @@ class Training:
         stats, finished = train_one_epoch(
             self.net, self.optimizer, self.train_loader, self.criterion, self.device, epoch,
             cfg.epochs, stats=stats, amp_dtype=self.amp_dtype, scaler=self.scaler,
-            channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress)
+            channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress,
+            iteration=self.iteration)
         dist.broadcast_buffers(self.model)
         test = None
         if finished and should_evaluate(epoch, cfg):
