@@ -217,14 +217,23 @@ def combined_scores(model, inputs):
 
 
 @torch.no_grad()
+def evaluation_logits(model, inputs):
+    """(concat, com2, combined, experts) logits of a batch in float32, as evaluate scores them
+    (combined_scores); `experts`: the raw pass's expert 1, 2, 3 logits."""
+    s = combined_scores(model, inputs)
+    return s.heads[3], s.com2, s.com, tuple(s.heads[:3])
+
+
+@torch.no_grad()
 def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=False,
              progress=False, should_stop=None, num_classes=None, flip=False):
-    """Spec section 5: the raw pass, the joint attention crop pass, and three accuracies.
+    """Spec section 5: the raw pass, the joint attention crop pass, and the accuracies.
 
     Returns acc_concat (the concatenation head alone), acc_com2 (the four raw logits summed),
-    acc_combined (those plus the four crop logits: the headline number), in percent, and loss
-    (cross entropy of the concatenation head, averaged over samples). Returns None when
-    `should_stop()` (checked per batch, in this process only) asked to stop on any process.
+    acc_combined (those plus the four crop logits: the headline number), acc_expert1, 2, 3 (each
+    expert's raw-pass logits alone), in percent, and loss (cross entropy of the concatenation
+    head, averaged over samples). Returns None when `should_stop()` (checked per batch, in this
+    process only) asked to stop on any process.
 
     Beyond the paper's protocol: with `num_classes`, also the top-5 accuracy of the combined
     score and its confusion matrix (rows: true class, columns: predicted); with `flip`, the
@@ -233,8 +242,8 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     model = unwrap(net)  # no DDP wrapper: ranks may hold different numbers of test batches
     model.eval()
     device = device or next(model.parameters()).device
-    # correct: concat, com2, combined; loss sum; samples; correct: top-5, flipped
-    sums = torch.zeros(7, dtype=torch.float64, device=device)
+    # correct: concat, com2, combined; loss sum; samples; correct: top-5, flipped, experts 1-3
+    sums = torch.zeros(10, dtype=torch.float64, device=device)
     confusion = torch.zeros((num_classes or 0) ** 2, dtype=torch.float64, device=device)
     stopped = False
     for inputs, targets, _ in tqdm(loader, desc="test", leave=False, dynamic_ncols=True,
@@ -249,24 +258,24 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
-            s = combined_scores(model, inputs)
-        concat = s.heads[3]
+            concat, com2, com, experts = evaluation_logits(model, inputs)
         loss = criterion(concat, targets) * len(targets)
-        predicted = s.com.argmax(1)
+        predicted = com.argmax(1)
         top5 = flipped = sums.new_tensor(0.0)
         if num_classes:
             confusion += torch.bincount(targets * num_classes + predicted,
                                         minlength=num_classes ** 2).double()
-            best5 = s.com.topk(min(5, num_classes), 1).indices
+            best5 = com.topk(min(5, num_classes), 1).indices
             top5 = (best5 == targets[:, None]).any(1).sum().double()
         if flip:
             with _autocast(device, amp_dtype):
-                mirrored = combined_scores(model, inputs.flip(3))
-            flipped = ((s.com + mirrored.com).argmax(1) == targets).sum().double()
+                mirrored = evaluation_logits(model, inputs.flip(3))[2]
+            flipped = ((com + mirrored).argmax(1) == targets).sum().double()
         sums += torch.stack([(concat.argmax(1) == targets).sum().double(),
-                             (s.com2.argmax(1) == targets).sum().double(),
+                             (com2.argmax(1) == targets).sum().double(),
                              (predicted == targets).sum().double(),
-                             loss.double(), sums.new_tensor(len(targets)), top5, flipped])
+                             loss.double(), sums.new_tensor(len(targets)), top5, flipped,
+                             *[(e.argmax(1) == targets).sum().double() for e in experts]])
     # Ranks hold different numbers of test batches: agree on stopping only after the loop.
     *totals, stopped = dist.all_reduce_sum(sums.tolist() + confusion.tolist() + [float(stopped)])
     if stopped:
@@ -275,8 +284,9 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     n = max(n, 1)
     result = {"acc_concat": 100.0 * correct_concat / n, "acc_com2": 100.0 * correct_com2 / n,
               "acc_combined": 100.0 * correct_com / n, "loss": loss_sum / n, "samples": int(n)}
+    result.update({f"acc_expert{i}": 100.0 * c / n for i, c in enumerate(totals[7:10], 1)})
     if num_classes:
-        counts = torch.tensor(totals[7:]).view(num_classes, num_classes)
+        counts = torch.tensor(totals[10:]).view(num_classes, num_classes)
         result["acc_top5_combined"] = 100.0 * top5 / n
         result["confusion"] = counts.long().tolist()
     if flip:

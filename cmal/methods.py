@@ -5,7 +5,7 @@ no_crops          every pass on the raw batch, no attention maps (engine.ABLATIO
 no_joint_crop     the four passes without step 5 (all heads on the joint crop)
 
 Evaluation is the same for CMAL-Net and its ablations (engine.evaluate: the raw pass, the joint
-crop pass, and the accuracies of concat, com2 and combined).
+crop pass, and the accuracies of concat, com2, combined and each expert).
 """
 import functools
 

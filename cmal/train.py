@@ -51,7 +51,8 @@ def epoch_line(record, cfg, best):
     if record.get("test"):
         t = record["test"]
         line += (f" | test concat {t['acc_concat']:6.2f}% com2 {t['acc_com2']:6.2f}% combined "
-                 f"{t['acc_combined']:6.2f}% (best {best:.2f}%)")
+                 f"{t['acc_combined']:6.2f}% (best {best:.2f}%) experts "
+                 + "/".join(f"{t[f'acc_expert{i}']:.2f}" for i in (1, 2, 3)) + "%")
     if record.get("skipped"):
         line += f" | {record['skipped']} bad images skipped"
     return line + f" | {record['time']:.0f}s"
@@ -305,10 +306,13 @@ class Training:
         if finished and should_evaluate(epoch, cfg):
             # A signal during evaluation stops it: the epoch's training is saved below and the
             # evaluation runs again on resume.
+            t_test = time.time()
             test = evaluate(self.net, self.test_loader, self.criterion, self.device,
                             self.amp_dtype, cfg.channels_last, progress=self.progress,
                             should_stop=lambda: stop.signal is not None)
             finished = test is not None
+            if finished:
+                test["time"] = time.time() - t_test  # part of the epoch's "time" below
         if not finished:
             state.stats = reduce_stats(stats)
             self.saver.save(ckpt_io.mid_epoch(state, epoch, state.stats))
@@ -348,7 +352,8 @@ def test_only(cfg, device, ck, path, test_loader):
                       num_classes=len(classes), flip=cfg.tta_flip)
     log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
         f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
-        f"{result['samples']} images")
+        f"{result['samples']} images; experts 1, 2, 3 alone "
+        + ", ".join(f"{result[f'acc_expert{i}']:.2f}%" for i in (1, 2, 3)))
     rows = per_class_rows(classes, result["confusion"])
     log(f"beyond the paper's protocol: top-5 (combined) {result['acc_top5_combined']:.2f}%, "
         f"mean per-class (combined) {mean_class_accuracy(rows):.2f}%"

@@ -1,5 +1,5 @@
 """CMAL-Net's ablations (--ablation): what each iteration runs, and that each trains, resumes
-bitwise and evaluates through the same run as CMAL-Net."""
+bitwise and evaluates through the same run as CMAL-Net; each expert's accuracy in evaluation."""
 import json
 import re
 
@@ -11,7 +11,7 @@ from cmal import checkpoint as ckpt_io
 from cmal import engine
 from cmal import settings
 from cmal import train
-from cmal.engine import train_step
+from cmal.engine import evaluate, train_step
 from cmal.model import build_cmal
 from cmal.optimizer import make_optimizer
 from tests.conftest import TINY_ARGS, TINY_NET
@@ -99,6 +99,26 @@ def test_an_unknown_ablation_is_refused():
         train_step(net, make_optimizer(net), *_batch(), nn.CrossEntropyLoss(), ablation="crops")
 
 
+# ---- evaluation ---------------------------------------------------------------------------
+def _accuracy(logits, targets):
+    return 100 * (logits.argmax(1) == targets).float().mean().item()
+
+
+def test_evaluate_reports_each_experts_accuracy():
+    net = _tiny()
+    inputs, _ = _batch(n=9)
+    net.eval()
+    with torch.no_grad():
+        out = net(inputs)
+    # Targets each expert gets partly right, and differently.
+    targets = torch.where(torch.arange(9) % 2 == 0, out[0].argmax(1), out[2].argmax(1))
+    loader = [(inputs[:5], targets[:5], 0), (inputs[5:], targets[5:], 0)]
+    got = evaluate(net, loader, nn.CrossEntropyLoss())
+    for i in (1, 2, 3):
+        assert got[f"acc_expert{i}"] == pytest.approx(_accuracy(out[i - 1], targets))
+    assert len({got[f"acc_expert{i}"] for i in (1, 2, 3)}) > 1
+
+
 # ---- settings -----------------------------------------------------------------------------
 def test_ablation_is_validated(capsys):
     cfg = settings.parse({"data_path": "d"}, [])
@@ -167,7 +187,11 @@ def test_variant_logs_and_evaluates(image_folder, tmp_path, capsys, variant):
     assert len(test_lines) == 2 and all(TEST_LINE.match(line) for line in test_lines)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     tests = [r["test"] for r in records]
+    assert all(0 < t["time"] < r["time"] for t, r in zip(tests, records))
     assert f"CMAL-Net (ablation {variant}): 24 train" in printed
+    t = tests[-1]
+    assert (f"(best {max(x['acc_combined'] for x in tests):.2f}%) experts "
+            f"{t['acc_expert1']:.2f}/{t['acc_expert2']:.2f}/{t['acc_expert3']:.2f}%") in printed
     assert all((r["loss_att"] == 0) == (variant == "no_joint_crop") for r in records)
     best = ckpt_io.load(out / "best.pt")
     assert best["best_acc"] == max(t["acc_combined"] for t in tests)
@@ -175,8 +199,8 @@ def test_variant_logs_and_evaluates(image_folder, tmp_path, capsys, variant):
     assert run(image_folder, out, "--test_only", f"--resume={out / 'last.pt'}") == 0
     printed = capsys.readouterr().out
     last = tests[-1]
-    assert (f"combined {last['acc_combined']:.2f}% loss {last['loss']:.4f} on 9 images"
-            in printed)
+    assert (f"combined {last['acc_combined']:.2f}% loss {last['loss']:.4f} on 9 images; "
+            f"experts 1, 2, 3 alone {last['acc_expert1']:.2f}%") in printed
 
 
 def test_resume_and_evaluation_refuse_another_ablation(image_folder, tmp_path, capsys):
