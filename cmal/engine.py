@@ -216,12 +216,28 @@ def combined_scores(model, inputs):
     return Scores(heads, maps, crop, heads_att, com2, com2 + sum(heads_att))
 
 
+def single_head(model):
+    """Whether `model` (unwrapped) is the one-head baseline rather than CMAL-Net."""
+    from cmal.baseline import BaselineNet  # late: baseline.py builds on this module
+    return isinstance(model, BaselineNet)
+
+
 @torch.no_grad()
 def evaluation_logits(model, inputs):
-    """(concat, com2, combined, experts) logits of a batch in float32, as evaluate scores them
-    (combined_scores); `experts`: the raw pass's expert 1, 2, 3 logits."""
+    """(concat, com2, combined, experts) logits of a batch in float32, as evaluate scores them:
+    CMAL-Net's by combined_scores, `experts` its raw pass's expert 1, 2, 3 logits. The baseline's
+    one head stands for concat, com2 and combined alike, and it has no experts (())."""
+    if single_head(model):
+        logits = model(inputs).float()
+        return logits, logits, logits, ()
     s = combined_scores(model, inputs)
     return s.heads[3], s.com2, s.com, tuple(s.heads[:3])
+
+
+def ranking_logits(model, inputs):
+    """The logits evaluation ranks by (its "combined" accuracy): CMAL-Net's combined score, the
+    baseline's one head."""
+    return evaluation_logits(model, inputs)[2]
 
 
 @torch.no_grad()
@@ -233,7 +249,8 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     acc_combined (those plus the four crop logits: the headline number), acc_expert1, 2, 3 (each
     expert's raw-pass logits alone), in percent, and loss (cross entropy of the concatenation
     head, averaged over samples). Returns None when `should_stop()` (checked per batch, in this
-    process only) asked to stop on any process.
+    process only) asked to stop on any process. The baseline (one head) has no experts: its
+    head's accuracy is acc_concat, acc_com2 and acc_combined alike, its loss that head's.
 
     Beyond the paper's protocol: with `num_classes`, also the top-5 accuracy of the combined
     score and its confusion matrix (rows: true class, columns: predicted); with `flip`, the
@@ -271,11 +288,13 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
             with _autocast(device, amp_dtype):
                 mirrored = evaluation_logits(model, inputs.flip(3))[2]
             flipped = ((com + mirrored).argmax(1) == targets).sum().double()
+        experts_correct = [(e.argmax(1) == targets).sum().double() for e in experts] or \
+            [sums.new_tensor(0.0)] * 3
         sums += torch.stack([(concat.argmax(1) == targets).sum().double(),
                              (com2.argmax(1) == targets).sum().double(),
                              (predicted == targets).sum().double(),
                              loss.double(), sums.new_tensor(len(targets)), top5, flipped,
-                             *[(e.argmax(1) == targets).sum().double() for e in experts]])
+                             *experts_correct])
     # Ranks hold different numbers of test batches: agree on stopping only after the loop.
     *totals, stopped = dist.all_reduce_sum(sums.tolist() + confusion.tolist() + [float(stopped)])
     if stopped:
@@ -284,7 +303,8 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     n = max(n, 1)
     result = {"acc_concat": 100.0 * correct_concat / n, "acc_com2": 100.0 * correct_com2 / n,
               "acc_combined": 100.0 * correct_com / n, "loss": loss_sum / n, "samples": int(n)}
-    result.update({f"acc_expert{i}": 100.0 * c / n for i, c in enumerate(totals[7:10], 1)})
+    if not single_head(model):
+        result.update({f"acc_expert{i}": 100.0 * c / n for i, c in enumerate(totals[7:10], 1)})
     if num_classes:
         counts = torch.tensor(totals[10:]).view(num_classes, num_classes)
         result["acc_top5_combined"] = 100.0 * top5 / n

@@ -16,6 +16,7 @@ import torch
 from cmal.data import CHECKS
 from cmal.engine import ABLATIONS
 from cmal.errors import UserError
+from cmal.methods import METHODS
 from cmal.optimizer import SGD_IMPLS
 from cmal.tresnet import ABN_CHOICES
 
@@ -128,6 +129,10 @@ class Settings:
     head_mid: int = _setting(512, int, "channels of the first conv of each expert's block")
     head_features: int = _setting(1024, int, "channels of each expert's feature map")
     head_hidden: int = _setting(512, int, "hidden width of each classifier")
+    method: str = _setting(
+        "cmal", str, "what is trained: cmal (CMAL-Net, the reference's five-step iteration) or "
+                     "baseline (plain fine-tuning of the same backbone: global average pooling, "
+                     "one linear classifier, one forward and backward per batch)", choices=METHODS)
     ablation: str = _setting(
         "none", str, "a variant of CMAL-Net's iteration: none (the reference's), no_crops (no "
                      "attention crops: every pass on the raw batch) or no_joint_crop (step 5, all "
@@ -193,7 +198,7 @@ CHANGEABLE_ON_RESUME = frozenset({
 # it was trained (named in the printout).
 EVALUATED_AS_TRAINED = frozenset({
     "num_classes", "layers", "width_factor", "head_mid", "head_features", "head_hidden",
-    "image_size", "resize", "ablation"})
+    "image_size", "resize", "method", "ablation"})
 
 
 def given_on_command_line(argv):
@@ -329,7 +334,11 @@ def validate(cfg):
                  "weight_decay"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} cannot be negative, got {getattr(cfg, name)}")
-    if cfg.ablation not in ABLATIONS:
-        problems.append(f"--ablation must be one of {', '.join(ABLATIONS)}, got "
-                        f"{cfg.ablation!r}")
+    for name, choices in (("method", METHODS), ("ablation", ABLATIONS)):
+        if getattr(cfg, name) not in choices:
+            problems.append(f"--{name} must be one of {', '.join(choices)}, got "
+                            f"{getattr(cfg, name)!r}")
+    if cfg.method == "baseline" and cfg.ablation != "none":
+        problems.append(f"--ablation={cfg.ablation} varies CMAL-Net's iteration; the baseline "
+                        "has none (leave --ablation out with --method=baseline)")
     return problems

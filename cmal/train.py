@@ -44,11 +44,15 @@ def log(*args):
 
 
 def epoch_line(record, cfg, best):
+    baseline = cfg.method == "baseline"  # one loss, one test accuracy
     line = (f"epoch {record['epoch'] + 1:3d}/{cfg.epochs} | train acc {record['train_acc']:6.2f}% "
-            f"loss {record['train_loss']:.4f} (e1 {record['loss1']:.3f} e2 {record['loss2']:.3f} "
-            f"e3 {record['loss3']:.3f} att {record['loss_att']:.3f} concat "
-            f"{record['loss_concat']:.3f})")
-    if record.get("test"):
+            f"loss {record['train_loss']:.4f}")
+    if not baseline:
+        line += (f" (e1 {record['loss1']:.3f} e2 {record['loss2']:.3f} e3 {record['loss3']:.3f} "
+                 f"att {record['loss_att']:.3f} concat {record['loss_concat']:.3f})")
+    if record.get("test") and baseline:
+        line += f" | test acc {record['test']['acc_combined']:6.2f}% (best {best:.2f}%)"
+    elif record.get("test"):
         t = record["test"]
         line += (f" | test concat {t['acc_concat']:6.2f}% com2 {t['acc_com2']:6.2f}% combined "
                  f"{t['acc_combined']:6.2f}% (best {best:.2f}%) experts "
@@ -271,7 +275,7 @@ class Training:
                         "continue with --resume")
                     return 128 + signal.Signals[stop.signal].value
         best = self.state
-        log(f"done: best combined test accuracy {best.best_acc:.2f}%"
+        log(f"done: best {methods.headline(cfg)} test accuracy {best.best_acc:.2f}%"
             + (f" at epoch {best.best_epoch + 1}" if best.best_epoch is not None else "")
             + f"; checkpoints and logs in {out_dir}")
         return 0
@@ -350,13 +354,18 @@ def test_only(cfg, device, ck, path, test_loader):
                       settings.amp_dtype(cfg.amp), cfg.channels_last,
                       progress=settings.show_progress(cfg) and dist.is_main(),
                       num_classes=len(classes), flip=cfg.tta_flip)
-    log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
-        f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
-        f"{result['samples']} images; experts 1, 2, 3 alone "
-        + ", ".join(f"{result[f'acc_expert{i}']:.2f}%" for i in (1, 2, 3)))
+    if cfg.method == "baseline":
+        log(f"{path}: test acc {result['acc_combined']:.2f}% (one head) loss "
+            f"{result['loss']:.4f} on {result['samples']} images")
+    else:
+        log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
+            f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
+            f"{result['samples']} images; experts 1, 2, 3 alone "
+            + ", ".join(f"{result[f'acc_expert{i}']:.2f}%" for i in (1, 2, 3)))
     rows = per_class_rows(classes, result["confusion"])
-    log(f"beyond the paper's protocol: top-5 (combined) {result['acc_top5_combined']:.2f}%, "
-        f"mean per-class (combined) {mean_class_accuracy(rows):.2f}%"
+    kind = methods.headline(cfg)
+    log(f"beyond the paper's protocol: top-5 ({kind}) {result['acc_top5_combined']:.2f}%, "
+        f"mean per-class ({kind}) {mean_class_accuracy(rows):.2f}%"
         + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"
            if cfg.tta_flip else ""))
     if dist.is_main():

@@ -1,26 +1,39 @@
-"""CMAL-Net's ablations (--ablation): what each iteration runs, and that each trains, resumes
-bitwise and evaluates through the same run as CMAL-Net; each expert's accuracy in evaluation."""
+"""The plain fine-tuning baseline (--method=baseline) and CMAL-Net's ablations (--ablation): what
+each iteration runs, how each is evaluated, and that each trains, resumes bitwise and evaluates
+through the same run as CMAL-Net."""
+import copy
 import json
 import re
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from cmal import checkpoint as ckpt_io
 from cmal import engine
 from cmal import settings
 from cmal import train
+from cmal.baseline import BaselineNet, baseline_train_step, build_baseline
 from cmal.engine import evaluate, train_step
 from cmal.model import build_cmal
 from cmal.optimizer import make_optimizer
-from tests.conftest import TINY_ARGS, TINY_NET
+from cmal.tresnet import TResnetL_V2
+from cmal.utils import cosine_anneal_schedule
+from tests.conftest import TINY_ARGS, TINY_NET, make_image_folder
 from tests.test_training_run import TEST_LINE, TRAIN_LINE, _stop_after, assert_same_weights
+
+SMALL_BACKBONE = {"layers": TINY_NET["layers"], "width_factor": TINY_NET["width_factor"]}
 
 
 def _tiny(num_classes=4):
     torch.manual_seed(0)
     return build_cmal(num_classes, abn="pure", **TINY_NET)
+
+
+def _tiny_baseline(num_classes=4):
+    torch.manual_seed(0)
+    return build_baseline(num_classes, abn="pure", **SMALL_BACKBONE)
 
 
 def _batch(n=4, side=64, num_classes=4):
@@ -99,6 +112,78 @@ def test_an_unknown_ablation_is_refused():
         train_step(net, make_optimizer(net), *_batch(), nn.CrossEntropyLoss(), ablation="crops")
 
 
+# ---- the baseline ----------------------------------------------------------------------
+def test_baseline_is_tresnet_with_its_pooling_and_one_linear_head():
+    net = _tiny_baseline(5)
+    torch.manual_seed(0)
+    tresnet = TResnetL_V2({"num_classes": 5, "abn": "pure", **SMALL_BACKBONE})
+    # The published layout: the same keys, shapes and initial values as TResNet-L-V2's own.
+    assert_same_weights(net.state_dict(), tresnet.state_dict())
+    assert {k.split(".")[0] for k in net.state_dict()} == {"body", "head"}
+    assert isinstance(net.head.fc, nn.Linear) and net.head.fc.out_features == 5
+    x, _ = _batch(n=2)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net.head.fc(net.body(x).mean((2, 3))))
+
+
+def test_baseline_loads_published_weights_for_its_body(tmp_path):
+    published = TResnetL_V2({"num_classes": 11, "abn": "pure", **SMALL_BACKBONE})
+    for p in published.parameters():
+        p.data.normal_()
+    torch.save({"model": published.state_dict()}, tmp_path / "w.pth")
+    net = build_baseline(3, weights=str(tmp_path / "w.pth"), abn="pure", **SMALL_BACKBONE)
+    body = {k: v for k, v in published.state_dict().items() if k.startswith("body.")}
+    assert_same_weights({k: v for k, v in net.state_dict().items() if k.startswith("body.")},
+                        body)
+    assert net.head.fc.weight.shape == (3, net.head.fc.in_features)  # its own head
+
+
+def test_baseline_optimizer_two_groups():
+    net = _tiny_baseline()
+    opt = make_optimizer(net)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == \
+        [[id(p) for p in net.head.parameters()], [id(p) for p in net.body.parameters()]]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+    assert [g["lr"] for g in opt.param_groups] == [0.002, 0.0002]
+    assert all(g["momentum"] == 0.9 and g["weight_decay"] == 5e-4 for g in opt.param_groups)
+
+
+def test_baseline_iteration_is_one_forward_and_one_sgd_step():
+    net = _tiny_baseline()
+    expected = copy.deepcopy(net)
+    opt = make_optimizer(net)
+    seen, steps = _spy(net, opt)
+    inputs, targets = _batch()
+    out = baseline_train_step(net, opt, inputs, targets, nn.CrossEntropyLoss(), epoch=30,
+                              nb_epoch=40)
+    assert len(seen) == 1 and seen[0] is inputs and len(steps) == 1
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+        [cosine_anneal_schedule(30, 40, 0.002), cosine_anneal_schedule(30, 40, 0.0002)])
+    # The same step written out: plain SGD with the two groups' rates.
+    sgd = torch.optim.SGD([{"params": expected.head.parameters(),
+                            "lr": cosine_anneal_schedule(30, 40, 0.002)},
+                           {"params": expected.body.parameters(),
+                            "lr": cosine_anneal_schedule(30, 40, 0.0002)}],
+                          momentum=0.9, weight_decay=5e-4)
+    logits = expected(inputs)
+    loss = F.cross_entropy(logits, targets)
+    loss.backward()
+    sgd.step()
+    assert_same_weights(net.state_dict(), expected.state_dict())
+    assert out["loss_concat"] == pytest.approx(loss.item())
+    assert [out[k] for k in ("loss1", "loss2", "loss3", "loss_att")] == [0.0] * 4
+    assert out["correct"] == int((logits.argmax(1) == targets).sum())
+
+
+def test_baseline_non_finite_loss_raises():
+    net = _tiny_baseline()
+    inputs, targets = _batch()
+    inputs[0, 0, 0, 0] = float("nan")
+    with pytest.raises(engine.NonFiniteError, match="loss"):
+        baseline_train_step(net, make_optimizer(net), inputs, targets, nn.CrossEntropyLoss())
+
+
 # ---- evaluation ---------------------------------------------------------------------------
 def _accuracy(logits, targets):
     return 100 * (logits.argmax(1) == targets).float().mean().item()
@@ -119,28 +204,49 @@ def test_evaluate_reports_each_experts_accuracy():
     assert len({got[f"acc_expert{i}"] for i in (1, 2, 3)}) > 1
 
 
+def test_evaluate_baseline_reports_its_one_head():
+    net = _tiny_baseline()
+    inputs, targets = _batch(n=7)
+    loader = [(inputs[:4], targets[:4], 0), (inputs[4:], targets[4:], 0)]
+    got = evaluate(net, loader, nn.CrossEntropyLoss(), num_classes=4, flip=True)
+    with torch.no_grad():
+        logits = net.eval()(inputs)
+        mirrored = net(inputs.flip(3))
+    acc = _accuracy(logits, targets)
+    assert got["acc_combined"] == got["acc_concat"] == got["acc_com2"] == pytest.approx(acc)
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
+    assert got["acc_combined_flip"] == pytest.approx(_accuracy(logits + mirrored, targets))
+    assert not any(k.startswith("acc_expert") for k in got)
+    assert sum(map(sum, got["confusion"])) == 7
+
+
 # ---- settings -----------------------------------------------------------------------------
-def test_ablation_is_validated(capsys):
+def test_method_and_ablation_are_validated(capsys):
     cfg = settings.parse({"data_path": "d"}, [])
-    assert cfg.ablation == "none"
+    assert (cfg.method, cfg.ablation) == ("cmal", "none")
+    for argv in (["--method=resnet"], ["--ablation=no_experts"]):
+        with pytest.raises(SystemExit):
+            settings.parse({"data_path": "d"}, argv)
+        assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        settings.parse({"data_path": "d"}, ["--ablation=no_experts"])
-    assert "invalid choice" in capsys.readouterr().err
+        settings.parse({"data_path": "d"}, ["--method=baseline", "--ablation=no_crops"])
+    assert "the baseline has none" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a dataset script's block is not checked by argparse
-        settings.parse({"data_path": "d", "ablation": "no-crops"}, [])
-    assert ("--ablation must be one of none, no_crops, no_joint_crop, got 'no-crops'"
-            in capsys.readouterr().err)
+        settings.parse({"data_path": "d", "method": "Baseline"}, [])
+    assert "--method must be one of cmal, baseline, got 'Baseline'" in capsys.readouterr().err
 
 
-def test_a_checkpoint_without_it_reads_as_the_reference_iteration():
-    saved = settings.Settings(data_path="d", ablation="no_crops").to_dict()
-    assert settings.Settings.from_checkpoint(saved).ablation == "no_crops"
-    older = {k: v for k, v in saved.items() if k != "ablation"}
-    assert settings.Settings.from_checkpoint(older).ablation == "none"
+def test_a_checkpoint_without_them_reads_as_cmal():
+    saved = settings.Settings(data_path="d", method="baseline").to_dict()
+    assert settings.Settings.from_checkpoint(saved).method == "baseline"
+    older = {k: v for k, v in saved.items() if k not in ("method", "ablation")}
+    restored = settings.Settings.from_checkpoint(older)
+    assert (restored.method, restored.ablation) == ("cmal", "none")
 
 
 # ---- whole runs ---------------------------------------------------------------------------
-VARIANTS = {"no_crops": ["--ablation=no_crops"], "no_joint_crop": ["--ablation=no_joint_crop"]}
+VARIANTS = {"baseline": ["--method=baseline"], "no_crops": ["--ablation=no_crops"],
+            "no_joint_crop": ["--ablation=no_joint_crop"]}
 
 
 def run(data, out, *extra):
@@ -173,7 +279,8 @@ def test_variant_trains_and_resumes_bitwise(image_folder, tmp_path, monkeypatch,
         strip = _strip_times if name == "log.jsonl" else (
             lambda t: re.sub(r",[0-9.]+\n", "\n", t))  # summary.csv's last column: time
         assert strip((out / name).read_text()) == strip((tmp_path / "full" / name).read_text())
-    assert resumed["settings"]["ablation"] == variant
+    method, ablation = ("baseline", "none") if variant == "baseline" else ("cmal", variant)
+    assert (resumed["settings"]["method"], resumed["settings"]["ablation"]) == (method, ablation)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -188,28 +295,90 @@ def test_variant_logs_and_evaluates(image_folder, tmp_path, capsys, variant):
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     tests = [r["test"] for r in records]
     assert all(0 < t["time"] < r["time"] for t, r in zip(tests, records))
-    assert f"CMAL-Net (ablation {variant}): 24 train" in printed
-    t = tests[-1]
-    assert (f"(best {max(x['acc_combined'] for x in tests):.2f}%) experts "
-            f"{t['acc_expert1']:.2f}/{t['acc_expert2']:.2f}/{t['acc_expert3']:.2f}%") in printed
-    assert all((r["loss_att"] == 0) == (variant == "no_joint_crop") for r in records)
+    if variant == "baseline":
+        assert "baseline (TResNet-V2 fine-tuned with one head): 24 train" in printed
+        assert re.search(r"epoch +1/2 \| train acc +[0-9.]+% loss [0-9.]+ \| test acc ", printed)
+        assert "(e1 " not in printed and "best single-head test accuracy" in printed
+        assert all(r["loss1"] == r["loss2"] == r["loss3"] == r["loss_att"] == 0 for r in records)
+        assert all(r["train_loss"] == r["loss_concat"] > 0 for r in records)
+        assert all(t["acc_combined"] == t["acc_concat"] == t["acc_com2"] for t in tests)
+        assert not any("acc_expert1" in t for t in tests)
+    else:
+        assert f"CMAL-Net (ablation {variant}): 24 train" in printed
+        t = tests[-1]
+        assert (f"(best {max(x['acc_combined'] for x in tests):.2f}%) experts "
+                f"{t['acc_expert1']:.2f}/{t['acc_expert2']:.2f}/{t['acc_expert3']:.2f}%") in printed
+        assert all((r["loss_att"] == 0) == (variant == "no_joint_crop") for r in records)
     best = ckpt_io.load(out / "best.pt")
     assert best["best_acc"] == max(t["acc_combined"] for t in tests)
     # --test_only: the checkpoint's method, evaluated as during training.
     assert run(image_folder, out, "--test_only", f"--resume={out / 'last.pt'}") == 0
     printed = capsys.readouterr().out
     last = tests[-1]
-    assert (f"combined {last['acc_combined']:.2f}% loss {last['loss']:.4f} on 9 images; "
-            f"experts 1, 2, 3 alone {last['acc_expert1']:.2f}%") in printed
+    if variant == "baseline":
+        assert f"test acc {last['acc_combined']:.2f}% (one head) loss {last['loss']:.4f}" in printed
+        assert "top-5 (single-head)" in printed
+    else:
+        assert (f"combined {last['acc_combined']:.2f}% loss {last['loss']:.4f} on 9 images; "
+                f"experts 1, 2, 3 alone {last['acc_expert1']:.2f}%") in printed
 
 
-def test_resume_and_evaluation_refuse_another_ablation(image_folder, tmp_path, capsys):
-    crops = tmp_path / "crops"
+def test_resume_and_evaluation_refuse_another_method_or_ablation(image_folder, tmp_path, capsys):
+    base, crops = tmp_path / "base", tmp_path / "crops"
+    assert run(image_folder, base, "--epochs=1", "--method=baseline") == 0
     assert run(image_folder, crops, "--epochs=1", "--ablation=no_crops") == 0
-    before = (crops / "last.pt").read_bytes()
+    before = (base / "last.pt").read_bytes()
     capsys.readouterr()
-    for argv in (["--resume", "--epochs=2", "--extend", "--ablation=none"],
-                 ["--test_only", f"--resume={crops / 'last.pt'}", "--ablation=none"]):
-        assert run(image_folder, crops, *argv) == 2, argv
-        assert "--ablation=none (it was trained with no_crops)" in capsys.readouterr().err, argv
-    assert (crops / "last.pt").read_bytes() == before
+    cases = [(base, ["--resume", "--epochs=2", "--extend", "--method=cmal"],
+              "--method=cmal (it was trained with baseline)"),
+             (crops, ["--resume", "--epochs=2", "--extend", "--ablation=none"],
+              "--ablation=none (it was trained with no_crops)"),
+             (base, ["--test_only", f"--resume={base / 'last.pt'}", "--method=cmal"],
+              "--method=cmal (it was trained with baseline)")]
+    for out, argv, message in cases:
+        assert run(image_folder, out, *argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert (base / "last.pt").read_bytes() == before
+
+
+def test_tools_on_a_baseline_checkpoint(image_folder, tmp_path, capsys):
+    from cmal.data import build_transforms, load_rgb
+    from cmal.tools import attention, plot_curves, predict
+    out = tmp_path / "run"
+    assert run(image_folder, out, "--epochs=1", "--method=baseline") == 0
+    capsys.readouterr()
+    image = sorted((image_folder / "test").rglob("*.jpg"))[0]
+    assert predict.main([str(out / "last.pt"), str(image), "--topk=3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    model, classes, cfg = ckpt_io.load_trained(out / "last.pt")
+    assert isinstance(model, BaselineNet)
+    x = build_transforms(cfg.image_size, cfg.resize, cfg.crop_padding)[1](load_rgb(image))
+    with torch.no_grad():
+        probs = torch.softmax(model(x[None]), 1)[0]
+    shown = [float(line.split()[-1]) for line in printed[1:]]
+    assert shown == pytest.approx(sorted(probs.tolist(), reverse=True), abs=1e-4)
+    assert attention.main([str(out / "last.pt"), str(image), f"--out={tmp_path / 'maps'}"]) == 2
+    assert "no attention maps" in capsys.readouterr().err
+    assert not (tmp_path / "maps").exists()
+    assert plot_curves.main([str(out), f"--out={tmp_path / 'curves.png'}"]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_baseline_under_torchrun(tmp_path, capsys):
+    from tests.test_distributed import ARGS, torchrun
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "ddp"
+    proc = torchrun("ddp_probe.py", f"--data_path={data}", f"--output_dir={out}", "--epochs=2",
+                    "--method=baseline", *ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "baseline (TResNet-V2 fine-tuned with one head)" in proc.stdout
+    assert "x 2 processes" in proc.stdout
+    assert_same_weights(torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt"))
+    assert_same_weights(torch.load(out / "rank0.pt"), ckpt_io.load(out / "last.pt")["model"])
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["test"]
+    assert last["samples"] == 9  # every test image counted once over the two ranks
+    assert train.main({"data_path": str(data), "output_dir": str(out)},
+                      ARGS + ["--test_only", f"--resume={out / 'last.pt'}"]) == 0
+    assert (f"test acc {last['acc_combined']:.2f}% (one head) loss {last['loss']:.4f} on 9 "
+            "images") in capsys.readouterr().out
