@@ -1,6 +1,6 @@
 """The plain fine-tuning baseline (--method=baseline) and CMAL-Net's ablations (--ablation): what
 each iteration runs, how each is evaluated, and that each trains, resumes bitwise and evaluates
-through the same run as CMAL-Net."""
+through the same run as CMAL-Net; the demo's comparison command."""
 import copy
 import json
 import re
@@ -382,3 +382,61 @@ def test_baseline_under_torchrun(tmp_path, capsys):
                       ARGS + ["--test_only", f"--resume={out / 'last.pt'}"]) == 0
     assert (f"test acc {last['acc_combined']:.2f}% (one head) loss {last['loss']:.4f} on 9 "
             "images") in capsys.readouterr().out
+
+
+# ---- the demo's comparison -----------------------------------------------------------------
+def _compare(image_folder, tmp_path, *extra):
+    from cmal.tools import demo
+    return demo.main(["--compare", f"--compare_dir={tmp_path / 'cmp'}",
+                      f"--data_path={image_folder}", "--num_classes=3", *TINY_ARGS, *extra])
+
+
+def test_compare_trains_each_method_and_seed_and_prints_the_table(image_folder, tmp_path, capsys):
+    assert _compare(image_folder, tmp_path, "--methods=cmal,baseline,no_joint_crop",
+                    "--seeds=0,1", "--epochs=2") == 0
+    printed = capsys.readouterr().out
+    root = tmp_path / "cmp"
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert folders == ["baseline_seed0", "baseline_seed1", "cmal_seed0", "cmal_seed1",
+                       "no_joint_crop_seed0", "no_joint_crop_seed1"]
+    assert ckpt_io.load(root / "baseline_seed1" / "last.pt")["settings"]["seed"] == 1
+    assert ckpt_io.load(root / "no_joint_crop_seed0" / "last.pt")["settings"]["ablation"] == \
+        "no_joint_crop"
+    assert not torch.equal(  # the seeds give different runs
+        ckpt_io.load(root / "cmal_seed0" / "last.pt")["model"]["classifier1.4.weight"],
+        ckpt_io.load(root / "cmal_seed1" / "last.pt")["model"]["classifier1.4.weight"])
+    table = (root / "comparison.md").read_text()
+    assert table.split("\n\n")[0] in printed
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"method", "CMAL-Net", "baseline (one head)",
+                         "CMAL-Net, no joint-crop step"}
+    # The baseline's best accuracy: mean ± sample std of the two runs' logs.
+    best = [max(json.loads(line)["test"]["acc_combined"] for line in
+                (root / f"baseline_seed{s}" / "log.jsonl").read_text().splitlines())
+            for s in (0, 1)]
+    mean, std = sum(best) / 2, abs(best[0] - best[1]) / 2 ** 0.5
+    assert rows["baseline (one head)"][1:4] == ["2", "2", f"{mean:.2f} ± {std:.2f}"]
+    per_run = (root / "runs.csv").read_text().splitlines()
+    assert len(per_run) == 7 and per_run[0].startswith("method,seed,epochs,best_acc")
+
+
+def test_compare_continues_with_resume_and_refuses_what_it_decides(image_folder, tmp_path,
+                                                                   monkeypatch, capsys):
+    args = ["--methods=baseline", "--seeds=0,1", "--epochs=2"]
+    with monkeypatch.context() as m:
+        _stop_after(m, 3)  # inside the first run
+        assert _compare(image_folder, tmp_path, *args) == 143
+    assert "run the same command with --resume to continue it" in capsys.readouterr().err
+    assert _compare(image_folder, tmp_path, *args, "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert _compare(image_folder, tmp_path, *args, "--resume") == 0  # finished: read back
+    assert "| baseline (one head) | 2 | 2 |" in capsys.readouterr().out
+    for bad, message in [("--seed=3", "the comparison sets --seed"),
+                         ("--methods=cmal,resnet", "expected distinct names among"),
+                         ("--seeds=0,x", "expected comma-separated integers"),
+                         ("--lr=-1", "--lr cannot be negative")]:
+        with pytest.raises(SystemExit):
+            _compare(image_folder, tmp_path / "other", *args, bad)
+        assert message in capsys.readouterr().err, bad
+    assert not (tmp_path / "other").exists()
