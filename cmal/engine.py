@@ -15,6 +15,11 @@ from cmal.optimizer import set_learning_rates
 from cmal.utils import attention_im, highlight_im, map_generate
 
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
+# Variants of the iteration (--ablation). none: the reference's. no_crops: no attention crops,
+# every pass on the raw batch (no attention maps are computed; the two flags are still drawn, so
+# the random stream stays the reference's). no_joint_crop: step 5 (all heads on the joint crop)
+# left out: four passes and four optimizer steps, loss_att reported as 0.
+ABLATIONS = ("none", "no_crops", "no_joint_crop")
 
 
 class NonFiniteError(UserError, FloatingPointError):
@@ -38,13 +43,16 @@ def _autocast(device, amp_dtype):
 
 
 def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=None,
-               amp_dtype=None, scaler=None):
+               amp_dtype=None, scaler=None, ablation="none"):
     """One CMAL-Net iteration (spec section 4): five forward passes and five optimizer steps.
 
     e3 on the raw batch; attention crops from that pass; e2 and e1 on a crop or the raw batch
     chosen by torch.rand(1); all heads on the joint crop; the concatenation on the raw batch.
     With `epoch` and `nb_epoch` the group learning rates are first set by the cosine schedule.
+    `ablation`: one of ABLATIONS.
     """
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
     if epoch is not None:
         set_learning_rates(optimizer, epoch, nb_epoch)
     device = inputs.device
@@ -69,12 +77,15 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
         return criterion(logits.float(), targets)
 
     out, loss3 = optimise(lambda o: ce(o.logits3), inputs)
-    with torch.no_grad():
-        a1, a2, a3 = attention_maps(net, out)
-        inputs3_att = attention_im(inputs, a3)
-        inputs2_att = attention_im(inputs, a2)
-        inputs1_att = attention_im(inputs, a1)
-        inputs_att = highlight_im(inputs, a1, a2, a3)
+    if ablation == "no_crops":
+        inputs3_att = inputs2_att = inputs1_att = inputs_att = inputs
+    else:
+        with torch.no_grad():
+            a1, a2, a3 = attention_maps(net, out)
+            inputs3_att = attention_im(inputs, a3)
+            inputs2_att = attention_im(inputs, a2)
+            inputs1_att = attention_im(inputs, a1)
+            inputs_att = None if ablation == "no_joint_crop" else highlight_im(inputs, a1, a2, a3)
     del out
 
     flag = torch.rand(1)
@@ -83,8 +94,11 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
     flag = torch.rand(1)
     x1 = inputs3_att if flag < 1 / 3 else inputs2_att if flag < 2 / 3 else inputs
     _, loss1 = optimise(lambda o: ce(o.logits1), x1)
-    _, loss_att = optimise(lambda o: ce(o.logits1) + ce(o.logits2) + ce(o.logits3)
-                           + ce(o.logits_concat) * 2, inputs_att)
+    if inputs_att is None:
+        loss_att = loss3.new_zeros(())
+    else:
+        _, loss_att = optimise(lambda o: ce(o.logits1) + ce(o.logits2) + ce(o.logits3)
+                               + ce(o.logits_concat) * 2, inputs_att)
     out, loss_concat = optimise(lambda o: ce(o.logits_concat) * 2, inputs)
 
     correct = (out.logits_concat.detach().argmax(1) == targets).sum()
@@ -111,12 +125,16 @@ def new_epoch_stats():
 
 def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, stats=None,
                     amp_dtype=None, scaler=None, channels_last=False, after_batch=None,
-                    progress=True):
+                    progress=True, iteration=None):
     """Train for the rest of one epoch; return (stats, finished).
+
+    `iteration`: what one batch runs, with train_step's signature (train_step with an ablation,
+    or the baseline's); by default train_step.
 
     `stats` carries the running sums when an epoch is resumed midway. `after_batch(stats)` is
     called after every iteration; when it returns True the epoch stops early (finished=False).
     """
+    iteration = iteration or train_step  # looked up now: tests/killer.py replaces it
     net.train()
     stats = stats or new_epoch_stats()
     bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
@@ -138,8 +156,8 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         try:
-            step = train_step(net, optimizer, inputs, targets, criterion, epoch, nb_epoch,
-                              amp_dtype=amp_dtype, scaler=scaler)
+            step = iteration(net, optimizer, inputs, targets, criterion, epoch, nb_epoch,
+                             amp_dtype=amp_dtype, scaler=scaler)
         except NonFiniteError as exc:
             raise NonFiniteError(
                 f"non-finite training loss at epoch {epoch + 1}, batch {stats['position']} "
@@ -198,15 +216,41 @@ def combined_scores(model, inputs):
     return Scores(heads, maps, crop, heads_att, com2, com2 + sum(heads_att))
 
 
+def single_head(model):
+    """Whether `model` (unwrapped) is the one-head baseline rather than CMAL-Net."""
+    from cmal.baseline import BaselineNet  # late: baseline.py builds on this module
+    return isinstance(model, BaselineNet)
+
+
+@torch.no_grad()
+def evaluation_logits(model, inputs):
+    """(concat, com2, combined, experts) logits of a batch in float32, as evaluate scores them:
+    CMAL-Net's by combined_scores, `experts` its raw pass's expert 1, 2, 3 logits. The baseline's
+    one head stands for concat, com2 and combined alike, and it has no experts (())."""
+    if single_head(model):
+        logits = model(inputs).float()
+        return logits, logits, logits, ()
+    s = combined_scores(model, inputs)
+    return s.heads[3], s.com2, s.com, tuple(s.heads[:3])
+
+
+def ranking_logits(model, inputs):
+    """The logits evaluation ranks by (its "combined" accuracy): CMAL-Net's combined score, the
+    baseline's one head."""
+    return evaluation_logits(model, inputs)[2]
+
+
 @torch.no_grad()
 def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=False,
              progress=False, should_stop=None, num_classes=None, flip=False):
-    """Spec section 5: the raw pass, the joint attention crop pass, and three accuracies.
+    """Spec section 5: the raw pass, the joint attention crop pass, and the accuracies.
 
     Returns acc_concat (the concatenation head alone), acc_com2 (the four raw logits summed),
-    acc_combined (those plus the four crop logits: the headline number), in percent, and loss
-    (cross entropy of the concatenation head, averaged over samples). Returns None when
-    `should_stop()` (checked per batch, in this process only) asked to stop on any process.
+    acc_combined (those plus the four crop logits: the headline number), acc_expert1, 2, 3 (each
+    expert's raw-pass logits alone), in percent, and loss (cross entropy of the concatenation
+    head, averaged over samples). Returns None when `should_stop()` (checked per batch, in this
+    process only) asked to stop on any process. The baseline (one head) has no experts: its
+    head's accuracy is acc_concat, acc_com2 and acc_combined alike, its loss that head's.
 
     Beyond the paper's protocol: with `num_classes`, also the top-5 accuracy of the combined
     score and its confusion matrix (rows: true class, columns: predicted); with `flip`, the
@@ -215,8 +259,8 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     model = unwrap(net)  # no DDP wrapper: ranks may hold different numbers of test batches
     model.eval()
     device = device or next(model.parameters()).device
-    # correct: concat, com2, combined; loss sum; samples; correct: top-5, flipped
-    sums = torch.zeros(7, dtype=torch.float64, device=device)
+    # correct: concat, com2, combined; loss sum; samples; correct: top-5, flipped, experts 1-3
+    sums = torch.zeros(10, dtype=torch.float64, device=device)
     confusion = torch.zeros((num_classes or 0) ** 2, dtype=torch.float64, device=device)
     stopped = False
     for inputs, targets, _ in tqdm(loader, desc="test", leave=False, dynamic_ncols=True,
@@ -231,24 +275,26 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
-            s = combined_scores(model, inputs)
-        concat = s.heads[3]
+            concat, com2, com, experts = evaluation_logits(model, inputs)
         loss = criterion(concat, targets) * len(targets)
-        predicted = s.com.argmax(1)
+        predicted = com.argmax(1)
         top5 = flipped = sums.new_tensor(0.0)
         if num_classes:
             confusion += torch.bincount(targets * num_classes + predicted,
                                         minlength=num_classes ** 2).double()
-            best5 = s.com.topk(min(5, num_classes), 1).indices
+            best5 = com.topk(min(5, num_classes), 1).indices
             top5 = (best5 == targets[:, None]).any(1).sum().double()
         if flip:
             with _autocast(device, amp_dtype):
-                mirrored = combined_scores(model, inputs.flip(3))
-            flipped = ((s.com + mirrored.com).argmax(1) == targets).sum().double()
+                mirrored = evaluation_logits(model, inputs.flip(3))[2]
+            flipped = ((com + mirrored).argmax(1) == targets).sum().double()
+        experts_correct = [(e.argmax(1) == targets).sum().double() for e in experts] or \
+            [sums.new_tensor(0.0)] * 3
         sums += torch.stack([(concat.argmax(1) == targets).sum().double(),
-                             (s.com2.argmax(1) == targets).sum().double(),
+                             (com2.argmax(1) == targets).sum().double(),
                              (predicted == targets).sum().double(),
-                             loss.double(), sums.new_tensor(len(targets)), top5, flipped])
+                             loss.double(), sums.new_tensor(len(targets)), top5, flipped,
+                             *experts_correct])
     # Ranks hold different numbers of test batches: agree on stopping only after the loop.
     *totals, stopped = dist.all_reduce_sum(sums.tolist() + confusion.tolist() + [float(stopped)])
     if stopped:
@@ -257,8 +303,10 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     n = max(n, 1)
     result = {"acc_concat": 100.0 * correct_concat / n, "acc_com2": 100.0 * correct_com2 / n,
               "acc_combined": 100.0 * correct_com / n, "loss": loss_sum / n, "samples": int(n)}
+    if not single_head(model):
+        result.update({f"acc_expert{i}": 100.0 * c / n for i, c in enumerate(totals[7:10], 1)})
     if num_classes:
-        counts = torch.tensor(totals[7:]).view(num_classes, num_classes)
+        counts = torch.tensor(totals[10:]).view(num_classes, num_classes)
         result["acc_top5_combined"] = 100.0 * top5 / n
         result["confusion"] = counts.long().tolist()
     if flip:

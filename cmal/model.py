@@ -63,6 +63,11 @@ class CMALNet(nn.Module):
         return [(self.conv_block1, self.classifier1), (self.conv_block2, self.classifier2),
                 (self.conv_block3, self.classifier3)]
 
+    def optimizer_modules(self):
+        """The reference SGD's eight groups, in its order (the backbone last)."""
+        return [self.classifier_concat, self.conv_block1, self.classifier1, self.conv_block2,
+                self.classifier2, self.conv_block3, self.classifier3, self.Features]
+
     def forward(self, x):
         feats = self.Features(x)
         logits, maps, pooled = [], [], []
@@ -122,8 +127,14 @@ def build_cmal(num_classes, weights=None, mid_channels=512, feature_channels=102
 
 
 def build_from_settings(cfg, device, weights=None):
-    """The CMAL-Net a run's settings describe, on `device` (its ABN chosen for that device and
-    --amp); `weights`: backbone weights for a new run."""
+    """The CMAL-Net (or with --method=baseline, the baseline) a run's settings describe, on
+    `device` (its ABN chosen for that device and --amp); `weights`: backbone weights for a new
+    run."""
+    if cfg.method == "baseline":
+        from cmal.baseline import build_baseline  # baseline.py imports the engine
+        return build_baseline(cfg.num_classes, weights=weights or None, layers=cfg.layers,
+                              width_factor=cfg.width_factor,
+                              abn=abn_kind_for(cfg.abn, device, amp=cfg.amp != "none")).to(device)
     return build_cmal(cfg.num_classes, weights=weights or None, mid_channels=cfg.head_mid,
                       feature_channels=cfg.head_features, hidden=cfg.head_hidden,
                       layers=cfg.layers, width_factor=cfg.width_factor,

@@ -13,10 +13,9 @@ SGD_IMPLS = ("foreach", "fused", "loop")
 
 def make_optimizer(net, lr=0.002, backbone_lr=0.0002, momentum=0.9, weight_decay=5e-4,
                    impl="foreach"):
-    """The reference SGD: eight groups, heads at `lr`, the backbone at `backbone_lr`."""
-    net = unwrap(net)
-    modules = [net.classifier_concat, net.conv_block1, net.classifier1, net.conv_block2,
-               net.classifier2, net.conv_block3, net.classifier3, net.Features]
+    """The reference SGD: eight groups, heads at `lr`, the backbone at `backbone_lr` (the
+    baseline's two groups: its head at `lr`, its body at `backbone_lr`)."""
+    modules = unwrap(net).optimizer_modules()
     optimizer = torch.optim.SGD([{"params": m.parameters()} for m in modules], lr=lr,
                                 **_sgd_flags(impl))
     set_hyperparameters(optimizer, lr, backbone_lr, momentum, weight_decay)

@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 
 from cmal.data import CHECKS
+from cmal.engine import ABLATIONS
 from cmal.errors import UserError
+from cmal.methods import METHODS
 from cmal.optimizer import SGD_IMPLS
 from cmal.tresnet import ABN_CHOICES
 
@@ -154,6 +156,14 @@ class Settings:
     head_mid: int = _setting(512, int, "channels of the first conv of each expert's block")
     head_features: int = _setting(1024, int, "channels of each expert's feature map")
     head_hidden: int = _setting(512, int, "hidden width of each classifier")
+    method: str = _setting(
+        "cmal", str, "what is trained: cmal (CMAL-Net, the reference's five-step iteration) or "
+                     "baseline (plain fine-tuning of the same backbone: global average pooling, "
+                     "one linear classifier, one forward and backward per batch)", choices=METHODS)
+    ablation: str = _setting(
+        "none", str, "a variant of CMAL-Net's iteration: none (the reference's), no_crops (no "
+                     "attention crops: every pass on the raw batch) or no_joint_crop (step 5, all "
+                     "heads on the joint crop, left out)", choices=ABLATIONS)
     abn: str = _setting(
         "auto", str, "activated batch norm, the same function in three implementations: inplace "
                      "(inplace_abn, least memory), pure (PyTorch, InPlaceABN's rounding), native "
@@ -214,10 +224,11 @@ CHANGEABLE_ON_RESUME = frozenset({
     "extend", "tta_flip",
     "output_dir", "save_every", "check_images", "skip_bad_images", "max_image_pixels",
     "test_batch_size", "deterministic", "sgd", "compile"})
-# What evaluating a checkpoint takes from it: the network and the images it was trained on.
+# What evaluating a checkpoint takes from it: the network, the images it was trained on, and how
+# it was trained (named in the printout).
 EVALUATED_AS_TRAINED = frozenset({
     "num_classes", "layers", "width_factor", "head_mid", "head_features", "head_hidden",
-    "image_size", "resize"})
+    "image_size", "resize", "method", "ablation"})
 
 
 def given_on_command_line(argv):
@@ -353,6 +364,13 @@ def validate(cfg):
                  "weight_decay"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} cannot be negative, got {getattr(cfg, name)}")
+    for name, choices in (("method", METHODS), ("ablation", ABLATIONS)):
+        if getattr(cfg, name) not in choices:
+            problems.append(f"--{name} must be one of {', '.join(choices)}, got "
+                            f"{getattr(cfg, name)!r}")
+    if cfg.method == "baseline" and cfg.ablation != "none":
+        problems.append(f"--ablation={cfg.ablation} varies CMAL-Net's iteration; the baseline "
+                        "has none (leave --ablation out with --method=baseline)")
     if cfg.tensorboard:
         from cmal.checkpoint import tensorboard_writer_class
         try:

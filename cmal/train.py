@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from cmal import checkpoint as ckpt_io
 from cmal import distributed as dist
+from cmal import methods
 from cmal import settings
 from cmal.data import build_loaders, mix_seed, shutdown_workers
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
@@ -44,14 +45,20 @@ def log(*args):
 
 
 def epoch_line(record, cfg, best):
+    baseline = cfg.method == "baseline"  # one loss, one test accuracy
     line = (f"epoch {record['epoch'] + 1:3d}/{cfg.epochs} | train acc {record['train_acc']:6.2f}% "
-            f"loss {record['train_loss']:.4f} (e1 {record['loss1']:.3f} e2 {record['loss2']:.3f} "
-            f"e3 {record['loss3']:.3f} att {record['loss_att']:.3f} concat "
-            f"{record['loss_concat']:.3f})")
-    if ckpt_io.evaluated(record):
-        t, split = ckpt_io.evaluated(record), "val" if record.get("val") else "test"
+            f"loss {record['train_loss']:.4f}")
+    if not baseline:
+        line += (f" (e1 {record['loss1']:.3f} e2 {record['loss2']:.3f} e3 {record['loss3']:.3f} "
+                 f"att {record['loss_att']:.3f} concat {record['loss_concat']:.3f})")
+    t = ckpt_io.evaluated(record)
+    split = "val" if record.get("val") else "test"
+    if t and baseline:
+        line += f" | {split} acc {t['acc_combined']:6.2f}% (best {best:.2f}%)"
+    elif t:
         line += (f" | {split} concat {t['acc_concat']:6.2f}% com2 {t['acc_com2']:6.2f}% combined "
-                 f"{t['acc_combined']:6.2f}% (best {best:.2f}%)")
+                 f"{t['acc_combined']:6.2f}% (best {best:.2f}%) experts "
+                 + "/".join(f"{t[f'acc_expert{i}']:.2f}" for i in (1, 2, 3)) + "%")
     if record.get("skipped"):
         line += f" | {record['skipped']} bad images skipped"
     return line + f" | {record['time']:.0f}s"
@@ -239,11 +246,11 @@ class Training:
         self.saver.start(self.state)
         self.net = self._wrap(model)
         self.progress = settings.show_progress(cfg) and dist.is_main()
-        log(f"CMAL-Net: {len(loaders.train.dataset)} train / "
+        self.iteration = methods.iteration_for(cfg)
+        log(f"{methods.describe(cfg)}: {len(loaders.train.dataset)} train / "
             + (f"{len(loaders.val.dataset)} validation / " if loaders.val else "")
             + f"{len(loaders.test.dataset)} test images, {len(classes)} classes, {cfg.epochs} "
-            f"epochs, batch {cfg.batch_size}, "
-            f"device {device}"
+            f"epochs, batch {cfg.batch_size}, device {device}"
             + (f" x {dist.world_size()} processes" if dist.is_distributed() else ""))
 
     def _wrap(self, model):
@@ -282,9 +289,9 @@ class Training:
         self.saver.end_run(self.state)
         best = self.state
         split = "validation" if self.validated() else "test"
-        log(f"done: best combined {split} accuracy {best.best_acc:.2f}%"
+        log(f"done: best {methods.headline(cfg)} {split} accuracy {best.best_acc:.2f}%"
             + (f" at epoch {best.best_epoch + 1}" if best.best_epoch is not None else "")
-            + (f"; test accuracy of best.pt (scored once): combined "
+            + (f"; test accuracy of best.pt (scored once): {methods.headline(cfg)} "
                f"{best.final_test['acc_combined']:.2f}%" if best.final_test else "")
             + f"; checkpoints and logs in {out_dir}")
         return 0
@@ -306,9 +313,10 @@ class Training:
             return False
         state.final_test = test
         epoch = state.best_epoch + 1 if state.best_epoch is not None else state.epoch
-        log(f"best.pt (epoch {epoch}, chosen on validation) on test, scored once: concat "
-            f"{test['acc_concat']:.2f}% com2 {test['acc_com2']:.2f}% combined "
-            f"{test['acc_combined']:.2f}%")
+        scores = (f"acc {test['acc_combined']:.2f}%" if self.cfg.method == "baseline" else
+                  f"concat {test['acc_concat']:.2f}% com2 {test['acc_com2']:.2f}% combined "
+                  f"{test['acc_combined']:.2f}%")
+        log(f"best.pt (epoch {epoch}, chosen on validation) on test, scored once: {scores}")
         return True
 
     def epoch(self, epoch, stop):
@@ -334,16 +342,20 @@ class Training:
         stats, finished = train_one_epoch(
             self.net, self.optimizer, self.train_loader, self.criterion, self.device, epoch,
             cfg.epochs, stats=stats, amp_dtype=self.amp_dtype, scaler=self.scaler,
-            channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress)
+            channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress,
+            iteration=self.iteration)
         dist.broadcast_buffers(self.model)
         scored = None
         if finished and should_evaluate(epoch, cfg):
             # A signal during evaluation stops it: the epoch's training is saved below and the
             # evaluation runs again on resume.
+            t_test = time.time()
             scored = evaluate(self.net, self.selection_loader, self.criterion, self.device,
-                            self.amp_dtype, cfg.channels_last, progress=self.progress,
-                            should_stop=lambda: stop.signal is not None)
+                              self.amp_dtype, cfg.channels_last, progress=self.progress,
+                              should_stop=lambda: stop.signal is not None)
             finished = scored is not None
+            if finished:
+                scored["time"] = time.time() - t_test  # part of the epoch's "time" below
         if not finished:
             state.stats = reduce_stats(stats)
             self.saver.save(ckpt_io.mid_epoch(state, epoch, state.stats))
@@ -381,12 +393,18 @@ def test_only(cfg, device, ck, path, test_loader):
                       settings.amp_dtype(cfg.amp), cfg.channels_last,
                       progress=settings.show_progress(cfg) and dist.is_main(),
                       num_classes=len(classes), flip=cfg.tta_flip)
-    log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
-        f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
-        f"{result['samples']} images")
+    if cfg.method == "baseline":
+        log(f"{path}: test acc {result['acc_combined']:.2f}% (one head) loss "
+            f"{result['loss']:.4f} on {result['samples']} images")
+    else:
+        log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
+            f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
+            f"{result['samples']} images; experts 1, 2, 3 alone "
+            + ", ".join(f"{result[f'acc_expert{i}']:.2f}%" for i in (1, 2, 3)))
     rows = per_class_rows(classes, result["confusion"])
-    log(f"beyond the paper's protocol: top-5 (combined) {result['acc_top5_combined']:.2f}%, "
-        f"mean per-class (combined) {mean_class_accuracy(rows):.2f}%"
+    kind = methods.headline(cfg)
+    log(f"beyond the paper's protocol: top-5 ({kind}) {result['acc_top5_combined']:.2f}%, "
+        f"mean per-class ({kind}) {mean_class_accuracy(rows):.2f}%"
         + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"
            if cfg.tta_flip else ""))
     if dist.is_main():

@@ -185,3 +185,14 @@ def test_predict_agrees_with_test_only(validated_run, capsys):
     correct = sum(path.split("/")[-2] == top for path, top in pairs)
     final = ckpt_io.load(out / "last.pt")["final_test"]
     assert len(pairs) == 9 and 100 * correct / 9 == pytest.approx(final["acc_combined"])
+
+
+def test_baseline_with_a_validation_split(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    assert _train(data, tmp_path / "run", "--epochs=2", "--eval_every=1", "--val_split=0.25",
+                  "--method=baseline") == 0
+    printed = capsys.readouterr().out
+    assert "on test, scored once: acc" in printed and "best single-head validation" in printed
+    last = ckpt_io.load(tmp_path / "run" / "last.pt")
+    assert last["final_test"]["samples"] == 9
+    assert all("val" in r for r in last["history"])

@@ -173,6 +173,11 @@ def run(args):
     found = find_images(args.images)
     paths = spread(found, args.max_images)
     model, classes, cfg = load_model(args.checkpoint, device)
+    if cfg.method == "baseline":
+        raise ToolError(f"{args.checkpoint} holds the plain fine-tuning baseline "
+                        "(--method=baseline): one head on global average pooling, no experts and "
+                        "no attention maps to draw; pass a CMAL-Net checkpoint (python -m "
+                        "cmal.tools.predict classifies images with either)")
     out_dir = Path(args.out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

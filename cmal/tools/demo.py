@@ -10,6 +10,8 @@ apart means finding that small region: what the attention crops are for.
 
     python -m cmal.tools.demo                 # generate data/demo if needed, then train
     python -m cmal.tools.demo --epochs=20     # any train.py setting can be overridden
+    python -m cmal.tools.demo --compare       # CMAL-Net, the baseline and an ablation over 3
+                                              # seeds, and a table (cmal/tools/demo_compare.py)
 """
 import math
 import sys
@@ -139,10 +141,21 @@ def make_dataset(root=DATA, seed=0):
     return root
 
 
+def prepare_data(cfg):
+    """Generate the demo dataset when the run reads it (not for another --data_path)."""
+    if Path(cfg.data_path) == DATA:
+        make_dataset()
+
+
 def main(argv=None):
-    description = __doc__.split("\n")[0]
-    settings.parse(SETTINGS, argv, description)  # --help and bad options, before any work
-    make_dataset()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--compare" in argv:
+        from cmal.tools import demo_compare
+        return demo_compare.main([a for a in argv if a != "--compare"], SETTINGS, prepare_data)
+    description = (__doc__.split("\n")[0] + " With --compare: CMAL-Net against the plain "
+                   "fine-tuning baseline and ablations over seeds (--compare --help).")
+    cfg = settings.parse(SETTINGS, argv, description)  # --help and bad options, before any work
+    prepare_data(cfg)
     return train.main(SETTINGS, argv, description=description)
 
 

@@ -112,6 +112,8 @@ def draw(records, title):
     for key, color in zip(TRAIN_LOSSES, ("black", "tab:purple", "tab:green", "tab:olive",
                                          "tab:cyan", "tab:brown")):
         xs, ys = _series(records, key)
+        if ys and not any(ys):  # a pass the run does not make (the baseline's, an ablation's)
+            continue
         positive &= all(y > 0 for y in ys)
         loss.plot(xs, ys, "-", marker=".", color=color,
                   label="train_loss (1+2+3+concat)" if key == "train_loss" else key,

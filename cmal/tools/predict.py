@@ -4,8 +4,9 @@
 
 The score is the softmax of the combined logits: the four logits of the raw pass plus the four
 of the pass on the joint attention crop, which is what evaluation ranks by (its "combined"
-accuracy, the headline number). Folders are searched recursively for image files. Images get the
-run's test-time preprocessing (resize, centre crop, normalise). Exit status 0 on success, 2 when
+accuracy, the headline number); for a baseline run (--method=baseline), of its one head's logits.
+Folders are searched recursively for image files. Images get the run's test-time preprocessing
+(resize, centre crop, normalise). Exit status 0 on success, 2 when
 the checkpoint or an image cannot be used (one line on stderr says which file and what to do).
 """
 import csv
@@ -14,7 +15,7 @@ import sys
 import torch
 
 from cmal.distributed import pick_device
-from cmal.engine import combined_scores
+from cmal.engine import ranking_logits
 from cmal.errors import run_command
 from cmal.inference import (ToolError, batches, check_output, find_images, load_images, load_model,
                        tool_parser)
@@ -46,7 +47,7 @@ def predict(model, cfg, paths, batch_size, topk, skip_bad=False):
         inputs, kept = load_images(chunk, cfg, skip_bad)
         if inputs is None:
             continue
-        probs = torch.softmax(combined_scores(model, inputs.to(device)).com, 1).cpu()
+        probs = torch.softmax(ranking_logits(model, inputs.to(device)), 1).cpu()
         values, indices = probs.topk(topk, dim=1)
         for path, v, i in zip(kept, values.tolist(), indices.tolist()):
             yield path, list(zip(i, v))
