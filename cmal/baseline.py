@@ -10,7 +10,7 @@ entropy, and one step of the reference's SGD with two groups: the head at --lr, 
 import torch
 import torch.nn as nn
 
-from cmal.engine import LOSS_NAMES, NonFiniteError, _autocast, _finite
+from cmal.engine import LOSS_NAMES, NonFiniteError, _finite, optimisation_step
 from cmal.optimizer import set_learning_rates
 from cmal.tresnet import TResnetL_V2, load_tresnet_weights
 
@@ -52,20 +52,12 @@ def baseline_train_step(net, optimizer, inputs, targets, criterion, epoch=None, 
     """
     if epoch is not None:
         set_learning_rates(optimizer, epoch, nb_epoch)
-    optimizer.zero_grad(set_to_none=False)
-    with _autocast(inputs.device, amp_dtype):
-        logits = net(inputs)
-        loss = criterion(logits.float(), targets)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    logits, loss = optimisation_step(net, optimizer, inputs,
+                                     lambda out: criterion(out.float(), targets), amp_dtype,
+                                     scaler)
     logits = logits.detach()
     # One host synchronisation per iteration, as train_step.
-    value, correct = torch.stack([loss.detach().float(),
+    value, correct = torch.stack([loss.float(),
                                   (logits.argmax(1) == targets).sum().float()]).tolist()
     if not _finite(value):
         raise NonFiniteError(f"loss={value:.4g}")

@@ -42,6 +42,25 @@ def _autocast(device, amp_dtype):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+def optimisation_step(net, optimizer, x, pick_loss, amp_dtype=None, scaler=None):
+    """One forward of `net` on `x`, the loss `pick_loss(output)`, its backward and one optimizer
+    step; returns (output, the loss detached)."""
+    # Gradients are zeroed, not freed: the reference's PyTorch kept zero-filled gradients, so
+    # momentum and weight decay move every parameter at each optimizer step.
+    optimizer.zero_grad(set_to_none=False)
+    with _autocast(x.device, amp_dtype):
+        out = net(x)
+        loss = pick_loss(out)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return out, loss.detach()
+
+
 def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=None,
                amp_dtype=None, scaler=None, ablation="none"):
     """One CMAL-Net iteration (spec section 4): five forward passes and five optimizer steps.
@@ -55,23 +74,9 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
         raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
     if epoch is not None:
         set_learning_rates(optimizer, epoch, nb_epoch)
-    device = inputs.device
 
     def optimise(pick_loss, x):
-        # Gradients are zeroed, not freed: the reference's PyTorch kept zero-filled gradients,
-        # so momentum and weight decay move every parameter at each of the five steps.
-        optimizer.zero_grad(set_to_none=False)
-        with _autocast(device, amp_dtype):
-            out = net(x)
-            loss = pick_loss(out)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        return out, loss.detach()
+        return optimisation_step(net, optimizer, x, pick_loss, amp_dtype, scaler)
 
     def ce(logits):
         return criterion(logits.float(), targets)

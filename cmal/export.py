@@ -12,7 +12,8 @@ pass on that crop; the four logits of each pass summed. It returns three tensors
     heads_att  (B, 4, K)  the same four heads on the joint attention crop
 
 so combined == heads.sum(1) + heads_att.sum(1) (up to float rounding), and heads[:, 3] alone is
-the paper's "concat" prediction. Input: (B, 3, S, S) float32 images at the trained size S,
+the paper's "concat" prediction. A baseline run (--method=baseline) has one head and one pass:
+its export returns `combined` alone, that head's logits. Input: (B, 3, S, S) float32 images at the trained size S,
 preprocessed as at test time (model.json in an export folder says how). The batch size is
 dynamic in all three formats; the image size is fixed.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cmal.engine import combined_scores
+from cmal.engine import combined_scores, single_head
 from cmal.errors import UserError
 from cmal.model import unwrap
 
@@ -52,8 +53,12 @@ class CombinedPredictor(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = unwrap(model)
+        self.single_head = single_head(self.model)
+        self.output_names = OUTPUT_NAMES[:1] if self.single_head else OUTPUT_NAMES
 
     def forward(self, images):
+        if self.single_head:
+            return (self.model(images),)
         s = combined_scores(self.model, images)
         return s.com, torch.stack(s.heads, 1), torch.stack(s.heads_att, 1)
 
@@ -150,12 +155,12 @@ def require_onnx():
             "install -e '.[onnx]'), or leave onnx out of --format")
 
 
-def export_onnx(program, path):
+def export_onnx(program, path, output_names=OUTPUT_NAMES):
     """Write the ONNX model of an ExportedProgram (weights inside the file, batch dimension
     named "batch"); returns the opset version."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        onnx_program = torch.onnx.export(program, dynamo=True, output_names=list(OUTPUT_NAMES),
+        onnx_program = torch.onnx.export(program, dynamo=True, output_names=list(output_names),
                                          verbose=False)
     _name_batch_dimension(onnx_program.model)
     onnx_program.save(str(path), external_data=False)
@@ -187,8 +192,9 @@ def _name_batch_dimension(model):
 
 
 def load_exported(path, fmt, device="cpu"):
-    """A function images -> (combined, heads, heads_att) from an exported file, as torch tensors
-    on `device`; the way a deployment loads each format, in Python."""
+    """A function images -> the exported outputs (combined, heads, heads_att; a baseline's combined
+    alone) from an exported file, as torch tensors on `device`; the way a deployment loads each
+    format, in Python."""
     path = str(path)
     if fmt == "export":
         module = torch.export.load(path).module()
@@ -203,16 +209,16 @@ def load_exported(path, fmt, device="cpu"):
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
         def run(images):
-            outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.cpu().numpy()})
+            outputs = session.run(None, {INPUT_NAME: images.cpu().numpy()})  # all, in order
             return tuple(torch.from_numpy(o).to(images.device) for o in outputs)
         return run
     raise ValueError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
 
 
-def max_differences(outputs, reference):
-    """{output name: max abs difference} between two (combined, heads, heads_att) tuples."""
+def max_differences(outputs, reference, names=OUTPUT_NAMES):
+    """{output name: max abs difference} between two tuples of outputs named `names`."""
     return {name: float((o.float().cpu() - r.float().cpu()).abs().max())
-            for name, o, r in zip(OUTPUT_NAMES, outputs, reference)}
+            for name, o, r in zip(names, outputs, reference, strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +265,7 @@ def export_formats(predictor, image_size, formats, out_dir, check_batch=3, toler
                     else:
                         cpu_program = program or export_program(predictor,
                                                                 example_images(image_size))
-                    info["opset"] = export_onnx(cpu_program, tmp)
+                    info["opset"] = export_onnx(cpu_program, tmp, predictor.output_names)
             except Exception as exc:
                 raise ExportError(f"--format={fmt}: exporting the network failed "
                                   f"({type(exc).__name__}: {_first_line(exc)}); leave {fmt} out "
@@ -270,7 +276,7 @@ def export_formats(predictor, image_size, formats, out_dir, check_batch=3, toler
             with torch.no_grad():
                 reference = reference_predictor(images)
                 outputs = load_exported(tmp, fmt, ref_device)(images)
-            diffs = max_differences(outputs, reference)
+            diffs = max_differences(outputs, reference, predictor.output_names)
             worst = max(diffs.values())
             log(f"{fmt}: {final.name} ({tmp.stat().st_size / 2 ** 20:.1f} MiB, {seconds:.1f} s); "
                 f"on a batch of {check_batch}, max abs difference from the PyTorch model: "
@@ -339,6 +345,10 @@ def manifest(classes, cfg, transform, checkpoint, device, results):
                   "note": "decode as RGB (transparency composited onto white), then the "
                           "preprocessing steps in order"},
         "outputs": [
+            {"name": "combined", "shape": ["batch", k],
+             "meaning": "the logits of the baseline's one head (--method=baseline): argmax is "
+                        "the predicted class index into classes, softmax the scores"}
+        ] if cfg.method == "baseline" else [
             {"name": "combined", "shape": ["batch", k],
              "meaning": "the combined score evaluation ranks by: the four logits of the raw "
                         "pass plus the four of the pass on the joint attention crop; argmax "

@@ -245,3 +245,24 @@ def test_inplace_abn_layers_are_exported_as_the_pure_abn(trained, test_images, m
     assert not any(isinstance(m, StandIn) for m in model.modules())
     assert torch.equal(export.predictor_for(model)(test_images)[0],
                        combined_scores(trained[0], test_images).com)
+
+
+def test_baseline_exports_its_one_head(run_dir, tmp_path):
+    """A --method=baseline run exports one output, its head's logits, in every format."""
+    data, out = run_dir.parent / "data", tmp_path / "baseline"
+    assert train.main({"data_path": str(data), "num_classes": 3, "output_dir": str(out)},
+                      TINY_ARGS + ["--epochs=1", "--method=baseline"]) == 0
+    exported = tmp_path / "exported"
+    assert export_tool.main([str(out / "best.pt"), str(exported),
+                             "--format=export,torchscript,onnx"]) == 0
+    info = json.loads((exported / export.MANIFEST).read_text())
+    assert [o["name"] for o in info["outputs"]] == ["combined"]
+    model, _, cfg = ckpt_io.load_trained(out / "best.pt", "cpu")
+    paths = sorted((data / "test").rglob("*.jpg"))
+    images, _ = inference.load_images(paths, cfg)
+    with torch.no_grad():
+        want = model(images)
+    for fmt in export.FORMATS:
+        got = export.load_exported(exported / export.FILE_NAMES[fmt], fmt)(images)
+        assert len(got) == 1
+        assert (got[0] - want).abs().max() <= TOLERANCE, fmt

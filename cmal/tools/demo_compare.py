@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cmal import settings
 from cmal import train
-from cmal.checkpoint import JSON_LOG, write_text
+from cmal.checkpoint import JSON_LOG, evaluated, write_text
 
 # The methods the table can hold, and the settings of each.
 VARIANTS = {
@@ -72,7 +72,8 @@ def parse(argv, defaults):
     """(comparison options, the train.py options forwarded to every run)."""
     p = argparse.ArgumentParser(
         prog="python -m cmal.tools.demo --compare", allow_abbrev=False,
-        description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Every other option is a train.py setting passed to every run (python -m "
                "cmal.tools.demo --help lists them).")
     p.add_argument("--seeds", type=_int_list, default="0,1,2", help="the seeds of each method")
@@ -96,25 +97,26 @@ def run_args(rest, variant, seed, folder):
 
 
 def read_run(folder):
-    """The figures of one finished run, from its log.jsonl."""
+    """The figures of one finished run, from its log.jsonl (epochs counted from 1). With
+    --val_split the accuracies are those of the validation split best.pt was chosen on."""
     path = Path(folder) / JSON_LOG
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    tested = [r for r in records if r.get("test")]
-    if not tested:
+    scored = [(r, evaluated(r)) for r in records if evaluated(r)]
+    if not scored:
         raise ValueError(f"{path}: no evaluated epoch")
-    final = records[-1].get("test") or tested[-1]["test"]
-    best = max(tested, key=lambda r: r["test"]["acc_combined"])
+    final = evaluated(records[-1]) or scored[-1][1]
+    best_record, best = max(scored, key=lambda pair: pair[1]["acc_combined"])
     return {
         "epochs": len(records),
-        "best_acc": best["test"]["acc_combined"], "best_epoch": best["epoch"] + 1,
+        "best_acc": best["acc_combined"], "best_epoch": best_record["epoch"],
         "final_acc": final["acc_combined"], "final_concat": final["acc_concat"],
         "final_com2": final["acc_com2"],
         **{f"final_expert{i}": final.get(f"acc_expert{i}") for i in (1, 2, 3)},
-        # An epoch's "time" holds its training and its evaluation, whose own time is
-        # test["time"]; a resumed epoch counts from the resume.
+        # An epoch's "time" holds its training and its evaluation, whose own time is the
+        # evaluation's "time"; a resumed epoch counts from the resume.
         "train_s_per_epoch": statistics.mean(
-            r["time"] - (r.get("test") or {}).get("time", 0.0) for r in records),
-        "test_s_per_epoch": statistics.mean(r["test"].get("time", 0.0) for r in tested),
+            r["time"] - (evaluated(r) or {}).get("time", 0.0) for r in records),
+        "test_s_per_epoch": statistics.mean(s.get("time", 0.0) for _, s in scored),
         "total_s": sum(r["time"] for r in records),
     }
 
