@@ -60,3 +60,17 @@ def make_image_folder(root, classes=3, train=8, test=3, size=40, seed=0):
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny run trained for two epochs on a 3-class image folder (beside it, in data/), shared
+    by the tests of one module: its output folder."""
+    from cmal import train
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = make_image_folder(root / "data")
+    out = root / "run"
+    torch.manual_seed(0)
+    assert train.main({"data_path": str(data), "num_classes": 3, "output_dir": str(out)},
+                      TINY_ARGS + ["--epochs=2", "--eval_every=1"]) == 0
+    return out

@@ -13,21 +13,10 @@ from cmal.data import load_rgb
 from cmal.engine import combined_scores
 from cmal import inference
 from cmal.tools import export as export_tool
-from tests.conftest import TINY_ARGS, make_image_folder
+from tests.conftest import TINY_ARGS
 
 CLASSES = ["class_0", "class_1", "class_2"]
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    data = make_image_folder(root / "data")
-    out = root / "run"
-    torch.manual_seed(0)
-    assert train.main({"data_path": str(data), "num_classes": 3, "output_dir": str(out)},
-                      TINY_ARGS + ["--epochs=2", "--eval_every=1"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,24 +13,11 @@ from cmal import checkpoint as ckpt_io
 from cmal import engine
 from cmal.tools import plot_curves
 from cmal.tools import predict
-from cmal import train
 from cmal.data import build_transforms, load_rgb
 from cmal.engine import combined_scores
-from tests.conftest import TINY_ARGS, make_image_folder
 from cmal.utils import highlight_im
 
 CLASSES = ["class_0", "class_1", "class_2"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tools")
-    data = make_image_folder(root / "data")
-    out = root / "run"
-    torch.manual_seed(0)
-    assert train.main({"data_path": str(data), "num_classes": 3, "output_dir": str(out)},
-                      TINY_ARGS + ["--epochs=2", "--eval_every=1"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
