@@ -37,7 +37,11 @@ def build_baseline(num_classes, weights=None, **backbone_options):
     `weights`: published TResNet-L-V2 weights for the body (their head is not used)."""
     backbone = TResnetL_V2({"num_classes": num_classes, **backbone_options})
     if weights:
+        # A new classifier, as CMAL-Net's heads are new: a published head of the same class
+        # count (the Stanford Cars file) was trained on those very classes.
+        fresh = {k: v.clone() for k, v in backbone.head.state_dict().items()}
         load_tresnet_weights(backbone, weights)
+        backbone.head.load_state_dict(fresh)
     return BaselineNet(backbone)
 
 

@@ -339,16 +339,18 @@ class RunSaver:
             if self.tensorboard:
                 self.tensorboard.epoch(state.history[-1])
 
-    def end_run(self, state):
-        """The run's last save: last.pt with the final test of best.pt (--val_split), and the
-        logs; the TensorBoard file is closed."""
-        if state.final_test:
+    def end_run(self, state, tested=False):
+        """The run's last save: with `tested` (the final test of best.pt under --val_split was
+        just scored) last.pt holding it and its TensorBoard point; the logs; the TensorBoard
+        file closed."""
+        if tested:
             self.save(state)
         if self.writes:
             write_logs(self.out_dir, state)
             if self.tensorboard:
-                step = state.best_epoch + 1 if state.best_epoch is not None else state.epoch
-                self.tensorboard.scalars("final_test", state.final_test, step)
+                if tested:
+                    step = state.best_epoch + 1 if state.best_epoch is not None else state.epoch
+                    self.tensorboard.scalars("final_test", state.final_test, step)
                 self.tensorboard.close()
 
 

@@ -198,8 +198,9 @@ class _ClassFiles:
 class Layout:
     """What a dataset folder holds: class names, samples per split, and its layout problems."""
 
-    def __init__(self, root, num_classes=None):
+    def __init__(self, root, num_classes=None, with_val=True):
         self.root = Path(root)
+        self.with_val = with_val  # scan and check root/val/ too, where it exists
         self.classes = []
         self.samples = {split: [] for split in SPLITS}
         self.ignored = []  # files in class folders that are not images
@@ -236,7 +237,7 @@ class Layout:
             return
         self.classes = names["train"]
         splits = SPLITS
-        if (root / VAL_SPLIT).is_dir():
+        if self.with_val and (root / VAL_SPLIT).is_dir():
             splits += (VAL_SPLIT,)
             self.samples[VAL_SPLIT] = []
             if class_folders(root / VAL_SPLIT) != self.classes:
@@ -278,13 +279,14 @@ def _some(names, limit=10):
     return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def check_layout(root, num_classes=None):
-    """Check `root`/train and `root`/test as class folders; return (classes, samples per split).
+def check_layout(root, num_classes=None, with_val=False):
+    """Check `root`/train and `root`/test (and with `with_val` `root`/val, where it exists) as
+    class folders; return (classes, samples per split).
 
     Raises DatasetError listing every layout problem, each naming the folder at fault and what
     to do.
     """
-    layout = Layout(root, num_classes)
+    layout = Layout(root, num_classes, with_val)
     if layout.problems:
         raise DatasetError("\n".join(layout.problems))
     if layout.ignored:
@@ -500,7 +502,7 @@ def split_samples(cfg, samples):
     elif val_fraction(cfg):
         splits["train"], splits[VAL_SPLIT] = hold_out(samples["train"], val_fraction(cfg),
                                                       cfg.seed)
-    elif VAL_SPLIT in samples:
+    elif (Path(cfg.data_path) / VAL_SPLIT).is_dir():
         warnings.warn(f"{cfg.data_path}/{VAL_SPLIT} is not used: best.pt is chosen on test, as "
                       "the reference does; --val_split=folder chooses it on this folder")
     return splits
@@ -515,7 +517,8 @@ class Loaders(NamedTuple):
 
 def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
     """The loaders of cfg.data_path's splits, checked first, and the class names."""
-    classes, samples = check_layout(cfg.data_path, cfg.num_classes)
+    classes, samples = check_layout(cfg.data_path, cfg.num_classes,
+                                    with_val=cfg.val_split == "folder")
     allow_images_up_to(cfg.max_image_pixels)
     # Before training, so that an unreadable file stops the run in its first seconds and not at
     # its batch, or for the test split after a whole epoch.

@@ -92,6 +92,14 @@ class StopRequest:
         local = self.signal is not None
         return dist.all_reduce_sum([float(local)])[0] > 0 if dist.is_distributed() else local
 
+    @property
+    def name(self):
+        # Under torchrun a signal may reach only some processes; the others stop with them.
+        return self.signal or "a signal to another process"
+
+    def exit_status(self):
+        return 128 + signal.Signals[self.signal or "SIGTERM"].value
+
 
 def resume_path(cfg):
     """The checkpoint to continue from, or None for a fresh start."""
@@ -120,6 +128,8 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
     if scaler is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
     state = ckpt_io.RunState.from_checkpoint(ck)
+    if cfg.extend:  # more epochs may choose another best.pt: its test is scored anew
+        state.final_test = None
     zero_fill_grads(model)
     if state.stats:  # the batch size and seed are the checkpoint's (settings_of_checkpoint)
         ckpt_io.restore_rng(ck["rng"])
@@ -127,7 +137,9 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
             state.stats = {**new_epoch_stats(), "position": state.stats["position"]}
     log(f"resumed from {path}: epoch {state.epoch + 1}"
         + (f", batch {state.stats['position']}" if state.stats else "")
-        + f", best combined accuracy {state.best_acc:.2f}%")
+        + f", best {methods.headline(cfg)} "
+        + ("validation" if cfg.val_split != "none" else "test")
+        + f" accuracy {state.best_acc:.2f}%")
     return state
 
 
@@ -278,20 +290,20 @@ class Training:
                 if not finished or stop.requested():
                     where = (f"at epoch {epoch + 1}, batch {self.state.stats['position']}"
                              if not finished else f"after epoch {epoch + 1}")
-                    log(f"stopped by {stop.signal} {where}; {out_dir / 'last.pt'} is saved: "
+                    log(f"stopped by {stop.name} {where}; {out_dir / 'last.pt'} is saved: "
                         "continue with --resume")
-                    return 128 + signal.Signals[stop.signal].value
-            if self.validated() and self.state.final_test is None:
-                if not self.final_test(stop):
-                    log(f"stopped by {stop.signal} while scoring best.pt on test; continue with "
-                        "--resume to score it")
-                    return 128 + signal.Signals[stop.signal].value
-        self.saver.end_run(self.state)
+                    return stop.exit_status()
+            scored_now = self.validated() and self.state.final_test is None
+            if scored_now and not self.final_test(stop):
+                log(f"stopped by {stop.name} while scoring the best network on test; continue "
+                    "with --resume to score it")
+                return stop.exit_status()
+        self.saver.end_run(self.state, scored_now)
         best = self.state
         split = "validation" if self.validated() else "test"
         log(f"done: best {methods.headline(cfg)} {split} accuracy {best.best_acc:.2f}%"
             + (f" at epoch {best.best_epoch + 1}" if best.best_epoch is not None else "")
-            + (f"; test accuracy of best.pt (scored once): {methods.headline(cfg)} "
+            + (f"; its test accuracy (scored once): {methods.headline(cfg)} "
                f"{best.final_test['acc_combined']:.2f}%" if best.final_test else "")
             + f"; checkpoints and logs in {out_dir}")
         return 0
@@ -312,11 +324,14 @@ class Training:
         if test is None:
             return False
         state.final_test = test
-        epoch = state.best_epoch + 1 if state.best_epoch is not None else state.epoch
+        which = (f"best.pt (epoch {state.best_epoch + 1}, chosen on validation)"
+                 if state.best_epoch is not None else
+                 f"the last epoch's network ({state.epoch}; no epoch scored above 0 % on "
+                 "validation, so there is no best.pt)")
         scores = (f"acc {test['acc_combined']:.2f}%" if self.cfg.method == "baseline" else
                   f"concat {test['acc_concat']:.2f}% com2 {test['acc_com2']:.2f}% combined "
                   f"{test['acc_combined']:.2f}%")
-        log(f"best.pt (epoch {epoch}, chosen on validation) on test, scored once: {scores}")
+        log(f"{which} on test, scored once: {scores}")
         return True
 
     def epoch(self, epoch, stop):

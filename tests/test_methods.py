@@ -137,6 +137,10 @@ def test_baseline_loads_published_weights_for_its_body(tmp_path):
     assert_same_weights({k: v for k, v in net.state_dict().items() if k.startswith("body.")},
                         body)
     assert net.head.fc.weight.shape == (3, net.head.fc.in_features)  # its own head
+    # A published head with this very class count is not taken either: the classifier is new.
+    same = build_baseline(11, weights=str(tmp_path / "w.pth"), abn="pure", **SMALL_BACKBONE)
+    assert not torch.equal(same.head.fc.weight, published.head.fc.weight)
+    assert same.head.fc.weight.std() < 0.1  # its initialisation, not the saved N(0, 1)
 
 
 def test_baseline_optimizer_two_groups():

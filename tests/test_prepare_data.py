@@ -478,4 +478,4 @@ def test_food11_validation_to_val_feeds_val_split_folder(tmp_path, capsys):
     assert (len(images(out, "train")), len(images(out, "val")), len(images(out, "test"))) == \
         (33, 22, 11)
     assert "Bread/validation_0_0.jpg" in images(out, "val")
-    assert len(scan(out)[1]["val"]) == 22  # what --val_split=folder trains against
+    assert len(scan(out, with_val=True)[1]["val"]) == 22  # what --val_split=folder reads

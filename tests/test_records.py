@@ -113,7 +113,8 @@ def test_val_folder(tmp_path, capsys):
         for i in range(2):
             (folder / f"{i}.jpg").write_bytes((data / "test" / f"class_{c}" / f"{i}.jpg")
                                               .read_bytes())
-    assert sorted(check_layout(data)[1]) == ["test", "train", "val"]
+    assert sorted(check_layout(data, with_val=True)[1]) == ["test", "train", "val"]
+    assert sorted(check_layout(data)[1]) == ["test", "train"]
     capsys.readouterr()
     assert _train(data, tmp_path / "b", "--epochs=1", "--val_split=folder") == 0
     assert "24 train / 6 validation / 9 test images" in capsys.readouterr().out
@@ -122,7 +123,8 @@ def test_val_folder(tmp_path, capsys):
         assert _train(data, tmp_path / "c", "--epochs=1") == 0
     (data / VAL_SPLIT / "class_9").mkdir()
     with pytest.raises(Exception, match="does not hold the class folders"):
-        check_layout(data)
+        check_layout(data, with_val=True)
+    check_layout(data)  # a val/ folder not used is not checked either
 
 
 def _train_raising(data, out, *argv):
@@ -196,3 +198,21 @@ def test_baseline_with_a_validation_split(tmp_path, capsys):
     last = ckpt_io.load(tmp_path / "run" / "last.pt")
     assert last["final_test"]["samples"] == 9
     assert all("val" in r for r in last["history"])
+
+
+def test_extending_a_validated_run_scores_its_best_on_test_again(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs=1", "--eval_every=1", "--val_split=0.25") == 0
+    assert "on test, scored once" in capsys.readouterr().out
+    assert _train(data, out, "--resume", "--extend", "--epochs=2") == 0
+    printed = capsys.readouterr().out
+    assert "on test, scored once" in printed  # best.pt may be another epoch's now
+    last = ckpt_io.load(out / "last.pt")
+    assert (out / "results_test.txt").read_text().splitlines() == \
+        [ckpt_io.test_line(last["best_epoch"], last["final_test"]).strip()]
+    # Resuming the finished run again scores nothing and changes nothing.
+    before = (out / "results_test.txt").read_text()
+    assert _train(data, out, "--resume") == 0
+    assert "on test, scored once" not in capsys.readouterr().out
+    assert (out / "results_test.txt").read_text() == before

@@ -151,8 +151,9 @@ def table(results):
 
 LEGEND = ("acc: the combined score (the four heads of the raw pass and of the joint-crop pass "
           "summed) for CMAL-Net and its ablations, the one head for the baseline; best over the "
-          "evaluated epochs, final at the last epoch; mean ± sample standard deviation over the "
-          "seeds. Times: wall-clock seconds of training and of evaluation per epoch, and their "
+          "evaluated epochs, final at the last epoch, on the test split (with --val_split: on the "
+          "validation split, each run's once-scored test being final_test in its last.pt); "
+          "mean ± sample standard deviation over the seeds. Times: wall-clock seconds of training and of evaluation per epoch, and their "
           "sum over the run (start-up excluded).")
 
 
