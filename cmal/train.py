@@ -255,6 +255,13 @@ class Training:
             if ck is not None else ckpt_io.RunState()
         self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
                                       classes, writes=dist.is_main())
+        best = Path(cfg.output_dir) / "best.pt"
+        if loaders.val is not None and self.state.best_epoch is not None and not best.exists():
+            # The run's test is scored with best.pt at the end: it must be this folder's.
+            raise ckpt_io.CheckpointError(
+                f"{best} is missing, and this run chooses its best network on validation and "
+                f"scores it on test at the end: copy the best.pt of the folder {path} was saved "
+                f"in into {cfg.output_dir}, or resume with --output_dir set to that folder")
         self.saver.start(self.state)
         self.net = self._wrap(model)
         self.progress = settings.show_progress(cfg) and dist.is_main()

@@ -216,3 +216,11 @@ def test_extending_a_validated_run_scores_its_best_on_test_again(tmp_path, capsy
     assert _train(data, out, "--resume") == 0
     assert "on test, scored once" not in capsys.readouterr().out
     assert (out / "results_test.txt").read_text() == before
+
+
+def test_a_validated_run_resumed_elsewhere_needs_its_best(validated_run, tmp_path, capsys):
+    data, out, _ = validated_run
+    capsys.readouterr()
+    assert _train(data, tmp_path / "elsewhere", f"--resume={out / 'last.pt'}") == 2
+    err = capsys.readouterr().err
+    assert "best.pt is missing" in err and "copy the best.pt" in err
