@@ -39,6 +39,12 @@ def should_evaluate(epoch, cfg):
     return epoch < 5 or epoch >= cfg.epochs // 2
 
 
+def selection_split(cfg):
+    """The split best.pt is chosen on: validation with --val_split, else test (the reference's
+    protocol)."""
+    return "test" if cfg.val_split == "none" else "validation"
+
+
 def log(*args):
     if dist.is_main():
         print(*args, flush=True)
@@ -138,8 +144,7 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
     log(f"resumed from {path}: epoch {state.epoch + 1}"
         + (f", batch {state.stats['position']}" if state.stats else "")
         + f", best {methods.headline(cfg)} "
-        + ("validation" if cfg.val_split != "none" else "test")
-        + f" accuracy {state.best_acc:.2f}%")
+        + f"{selection_split(cfg)} accuracy {state.best_acc:.2f}%")
     return state
 
 
@@ -256,7 +261,7 @@ class Training:
         self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
                                       classes, writes=dist.is_main())
         best = Path(cfg.output_dir) / "best.pt"
-        if loaders.val is not None and self.state.best_epoch is not None and not best.exists():
+        if self.validated() and self.state.best_epoch is not None and not best.exists():
             # The run's test is scored with best.pt at the end: it must be this folder's.
             raise ckpt_io.CheckpointError(
                 f"{best} is missing, and this run chooses its best network on validation and "
@@ -307,8 +312,7 @@ class Training:
                 return stop.exit_status()
         self.saver.end_run(self.state, scored_now)
         best = self.state
-        split = "validation" if self.validated() else "test"
-        log(f"done: best {methods.headline(cfg)} {split} accuracy {best.best_acc:.2f}%"
+        log(f"done: best {methods.headline(cfg)} {selection_split(cfg)} accuracy {best.best_acc:.2f}%"
             + (f" at epoch {best.best_epoch + 1}" if best.best_epoch is not None else "")
             + (f"; its test accuracy (scored once): {methods.headline(cfg)} "
                f"{best.final_test['acc_combined']:.2f}%" if best.final_test else "")
@@ -316,7 +320,7 @@ class Training:
         return 0
 
     def validated(self):
-        return self.selection_loader is not self.test_loader
+        return selection_split(self.cfg) == "validation"
 
     def final_test(self, stop):
         """Score best.pt (the epoch best on validation) on the test split, once; False when a
