@@ -484,8 +484,8 @@ def hold_out(samples, fraction, seed):
                                "validate); add images or use a val/ folder")
         count = min(max(1, round(fraction * len(members))), len(members) - 1)
         held[members[torch.randperm(len(members), generator=generator)[:count]]] = True
-    return ([s for s, h in zip(samples, held.tolist()) if not h],
-            [s for s, h in zip(samples, held.tolist()) if h])
+    flags = held.tolist()
+    return ([s for s, h in zip(samples, flags) if not h], [s for s, h in zip(samples, flags) if h])
 
 
 def split_samples(cfg, samples):
