@@ -16,7 +16,6 @@ from cmal.model import build_cmal
 from cmal.tresnet import NativeABN, PureABN, abn_kind, abn_kind_for
 from tests.conftest import TINY_NET
 
-LOSSES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
 
 
 def _abn_pair(activation, training):
@@ -104,17 +103,27 @@ def test_network_compiles_without_graph_breaks():
     assert explanation.graph_count == 1
 
 
-def _two_steps(impl, amp_dtype=None, abn="pure", iterations=2):
+def _two_steps(impl, amp_dtype=None, abn="pure", iterations=2, device="cpu", snapshots=None):
+    """`iterations` CMAL-Net iterations of the tiny network on a fixed batch; with a list as
+    `snapshots`, the network's state before each iteration and after the last is appended."""
     torch.manual_seed(0)
-    net = build_cmal(4, abn=abn, **TINY_NET)
+    net = build_cmal(4, abn=abn, **TINY_NET).to(device)
     optimizer = make_optimizer(net, lr=0.01, backbone_lr=0.01, impl=impl)
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(4, 3, 64, 64, generator=g), torch.arange(4)
+    x, y = _fixed_batch(device)
     losses = []
     for seed in range(iterations):
+        if snapshots is not None:
+            snapshots.append(copy.deepcopy(net.state_dict()))
         torch.manual_seed(seed)
         losses.append(train_step(net, optimizer, x, y, nn.CrossEntropyLoss(), amp_dtype=amp_dtype))
+    if snapshots is not None:
+        snapshots.append(copy.deepcopy(net.state_dict()))
     return net, optimizer, losses
+
+
+def _fixed_batch(device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4, 3, 64, 64, generator=g).to(device), torch.arange(4, device=device)
 
 
 def test_foreach_sgd_is_the_reference_per_parameter_sgd_bit_for_bit():
@@ -144,26 +153,62 @@ def test_resume_keeps_this_runs_sgd_implementation():
     assert optimizer.param_groups[0]["lr"] == saved.param_groups[0]["lr"]
 
 
-# Stated tolerances of the fast path against fp32 on a fixed batch. bf16 keeps 8 bits of mantissa:
-# the first pass (the same input and weights as fp32) agrees to 2%, the first iteration's other
-# passes to 5% (their crops come from maps that can shift a box by a pixel). Later iterations'
-# crop passes are chaotic in both precisions (fp32 with another ABN rounding drifts as far), so
-# from there on the loss of the concatenation head, on the raw batch, is what is compared.
-FIRST_PASS_TOLERANCE = 0.02
-FIRST_ITERATION_TOLERANCE = 0.05
-CONCAT_LOSS_TOLERANCE = 0.15
+# What "bf16 learns as fp32" means, and the tolerances, derived from bf16 itself rather than from
+# one machine's run. bf16 keeps 8 significant bits: every rounding is off by at most u = 2**-8.
+# The tiny network has about 20 rounded stages in series (stem, 4 blocks of 3 convolutions and an
+# SE pair, a head's 2 convolutions and 2 linear layers); independent roundings add as a random
+# walk, sqrt(20) * u = 1.7 % on the loss, hence LOSS_TOLERANCE. The gradient direction decides
+# what a step learns: a step along a direction at cosine c to fp32's descends at least c times
+# as far to first order, so GRADIENT_COSINE = 0.9 is "each bf16 step makes 90 % of fp32's
+# progress". Whole trajectories are not compared iteration by iteration: from the second pass
+# on, the attention crops come from maps in which a one-ulp change moves a box edge by a pixel,
+# and kernels that sum in another order (AVX2, AVX-512 with native bf16 dot products, AMX, CUDA)
+# then follow different but equally valid paths; what must hold on every one is that each state
+# is computed within bf16's precision and that the run learns.
+LOSS_TOLERANCE = 0.02
+GRADIENT_COSINE = 0.9
+LEARNED = 0.25  # the concatenation head's loss after 6 iterations, as a fraction of its first
+
+
+def _heads_loss_and_gradient(state, abn, device, amp_dtype):
+    """Every head's cross entropy on the fixed batch (train mode: batch statistics, as in every
+    training pass) and its gradient, for the network with weights `state`."""
+    net = build_cmal(4, abn=abn, **TINY_NET).to(device)
+    net.load_state_dict(state)
+    x, y = _fixed_batch(device)
+    with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        out = net(x)
+    loss = sum(nn.functional.cross_entropy(logits.float(), y)
+               for logits in (out.logits1, out.logits2, out.logits3, out.logits_concat))
+    loss.backward()
+    gradient = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    return loss.item(), gradient
+
+
+def check_bf16_learns_as_fp32(device):
+    """The fast path (native ABN, fused SGD, bf16 autocast) against the reference set-up (pure
+    ABN, per-parameter SGD, fp32): at every state of fp32's 6 iterations on a fixed batch, bf16's
+    loss and gradient agree within bf16's precision; bf16's own first pass agrees with fp32's;
+    and both runs learn the batch."""
+    states = []
+    *_, reference = _two_steps("loop", iterations=6, device=device, snapshots=states)
+    *_, fast = _two_steps("fused", amp_dtype=torch.bfloat16, abn="native", iterations=6,
+                          device=device)
+    assert fast[0]["loss3"] == pytest.approx(reference[0]["loss3"], rel=LOSS_TOLERANCE)
+    for i, state in enumerate(states):
+        loss, gradient = _heads_loss_and_gradient(state, "pure", device, None)
+        fast_loss, fast_gradient = _heads_loss_and_gradient(state, "native", device,
+                                                            torch.bfloat16)
+        assert fast_loss == pytest.approx(loss, rel=LOSS_TOLERANCE), i
+        cosine = nn.functional.cosine_similarity(gradient, fast_gradient, dim=0).item()
+        assert cosine >= GRADIENT_COSINE, (i, cosine)
+    for run in (reference, fast):
+        assert run[-1]["loss_concat"] < LEARNED * run[0]["loss_concat"], run
 
 
 def test_bf16_native_path_learns_as_fp32_on_a_fixed_batch():
-    *_, reference = _two_steps("loop", iterations=6)
-    *_, fast = _two_steps("fused", amp_dtype=torch.bfloat16, abn="native", iterations=6)
-    assert fast[0]["loss3"] == pytest.approx(reference[0]["loss3"], rel=FIRST_PASS_TOLERANCE)
-    for k in LOSSES:
-        assert fast[0][k] == pytest.approx(reference[0][k], rel=FIRST_ITERATION_TOLERANCE), k
-    for i, (r, f) in enumerate(zip(reference, fast)):
-        assert f["loss_concat"] == pytest.approx(r["loss_concat"], rel=CONCAT_LOSS_TOLERANCE), i
-    # Both learn the batch: the concatenation head's loss falls to well under a quarter.
-    assert fast[-1]["loss_concat"] < 0.25 * fast[0]["loss_concat"]
+    check_bf16_learns_as_fp32("cpu")
 
 
 def test_auto_abn_kinds():

@@ -1,5 +1,6 @@
 """Mixed precision, channels-last and torch.compile on the CPU; off, they change nothing."""
 import copy
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from cmal.model import compile_network
 from cmal.optimizer import make_optimizer
 from cmal.model import build_cmal
 from tests.conftest import TINY_ARGS, TINY_NET
+from tests.test_fast_path import LOSS_TOLERANCE
 
 LOSSES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
 
@@ -44,15 +46,18 @@ def test_autocast_step_close_to_float32(abn_impl, amp):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if amp == "fp16" else None
     got = _step(net, x, y, amp_dtype=dtype, scaler=scaler)
-    # The first pass sees the same input; later ones see crops whose boxes may move by a pixel.
-    assert got["loss3"] == pytest.approx(expected["loss3"], rel=0.02)
+    # The first pass sees the same input and weights: it agrees within bf16's precision (fp16
+    # keeps 3 more bits). The later passes' crops can move by a pixel with any rounding, so they
+    # are compared state by state in test_fast_path.check_bf16_learns_as_fp32; here they must
+    # only be computed.
+    assert got["loss3"] == pytest.approx(expected["loss3"], rel=LOSS_TOLERANCE)
     for k in LOSSES:
-        assert got[k] == pytest.approx(expected[k], rel=0.3), k
+        assert math.isfinite(got[k]), k
     # Evaluation under autocast scores the same trained network as float32 does.
     batch = [(x, y, 0)]
     reference = evaluate(net, batch, nn.CrossEntropyLoss())
     result = evaluate(net, batch, nn.CrossEntropyLoss(), amp_dtype=dtype)
-    assert result["loss"] == pytest.approx(reference["loss"], rel=0.05)
+    assert result["loss"] == pytest.approx(reference["loss"], rel=LOSS_TOLERANCE)
     for k in ("acc_concat", "acc_com2"):  # 4 samples: one flipped prediction is 25 points
         assert abs(result[k] - reference[k]) <= 25, k
 
