@@ -136,3 +136,28 @@ def _functional(m, state, x, w, b):
     slope = m.activation_param if m.activation == "leaky_relu" else None
     return _ABNFunction.apply(flat, w, b, state["running_mean"].clone(), state["running_var"].clone(),
                               m.training, m.momentum, m.eps, slope)
+
+
+def _gpu_problem(monkeypatch, problem):
+    from cmal.tresnet import abn
+    monkeypatch.setattr(abn, "inplace_abn_gpu_problem", lambda device: problem)
+    monkeypatch.setattr(abn, "_said", set())
+
+
+@needs_inplace_abn
+def test_inplace_abn_built_for_another_gpu_falls_back_to_native_saying_so(monkeypatch):
+    from cmal.tresnet import abn_kind_for
+    _gpu_problem(monkeypatch, "inplace-abn's CUDA kernels do not run on GPU X (sm_80)")
+    with pytest.warns(UserWarning, match=r"sm_80.*using the native ABN.*build_inplace_abn\.sh"):
+        assert abn_kind_for("auto", "cuda") == "native"
+    assert abn_kind_for("auto", "cuda", amp=True) == "native"
+    with pytest.raises(ValueError, match=r"--abn=inplace: .*sm_80.*Rebuild.*or use --abn=native"):
+        abn_kind_for("inplace", "cuda")
+
+
+@needs_inplace_abn
+def test_inplace_abn_that_fits_the_gpu_is_kept(monkeypatch):
+    from cmal.tresnet import abn_kind_for
+    _gpu_problem(monkeypatch, None)
+    assert abn_kind_for("auto", "cuda") == "inplace"
+    assert abn_kind_for("inplace", "cuda") == "inplace"

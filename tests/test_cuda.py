@@ -86,6 +86,14 @@ def test_abns_agree_with_inplace_abn_on_cuda(kind):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@needs_inplace_abn
+def test_inplace_abn_runs_on_this_gpu():
+    """make setup builds inplace-abn for the visible GPU: the start-of-run probe finds it fits."""
+    from cmal.tresnet.abn import abn_kind_for, inplace_abn_gpu_problem
+    assert inplace_abn_gpu_problem(torch.device("cuda")) is None
+    assert abn_kind_for("auto", "cuda") == "inplace"
+
+
 def test_fast_path_learns_as_fp32_on_a_fixed_batch():
     from tests.test_fast_path import check_bf16_learns_as_fp32
     check_bf16_learns_as_fp32("cuda")

@@ -42,11 +42,13 @@ if [ -n "$torch_cuda" ]; then
     [ -d "$CUDA_HOME" ] || warn "CUDA_HOME=$CUDA_HOME is not a folder"
     export CUDA_HOME
     if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-        # The visible GPUs' architectures; one default when none is visible (a build machine).
+        # The visible GPUs' architectures. Where none is visible (a build machine), Hopper's,
+        # with its PTX so that newer GPUs compile it at first use; an older GPU (an A100 is
+        # 8.0) needs a rebuild where it is visible, which the training run says at start.
         TORCH_CUDA_ARCH_LIST=$("$PY" -c "
 import torch
 caps = sorted({'%d.%d' % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-print(';'.join(caps) or '9.0')" 2>/dev/null) || TORCH_CUDA_ARCH_LIST=9.0
+print(';'.join(caps) or '9.0+PTX')" 2>/dev/null) || TORCH_CUDA_ARCH_LIST=9.0+PTX
     fi
     export TORCH_CUDA_ARCH_LIST
     echo "inplace-abn: building for CUDA $torch_cuda with CUDA_HOME=$CUDA_HOME, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST (about a minute on 2 cores)"

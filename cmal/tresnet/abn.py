@@ -30,7 +30,6 @@ else:
             return super().forward(x.contiguous())
 
 _ACTIVATIONS = ("leaky_relu", "identity")
-_warned = False
 
 
 def _abn_affine(x, weight, bias, mean, var, eps, slope):
@@ -185,22 +184,78 @@ def abn_kind_for(choice, device, amp=False):
     if choice == "inplace" and InPlaceABN is None:
         raise ValueError(f"--abn=inplace but inplace_abn is not importable ({_IMPORT_ERROR}); "
                          "run `make setup`, or use --abn=auto")
+    device = torch.device(device)
+    if choice == "inplace" and device.type == "cuda":
+        problem = inplace_abn_gpu_problem(device)
+        if problem:
+            raise ValueError(f"--abn=inplace: {problem}. Rebuild it for this GPU ({REBUILD}), or "
+                             "use --abn=native (the same function in PyTorch operations)")
     if choice != "auto":
         return choice
-    if torch.device(device).type == "cpu":
+    if device.type == "cpu":
         return "pure"
-    return "native" if amp else default_abn_kind()
+    if amp:
+        return "native"
+    kind = default_abn_kind()
+    if kind == "inplace" and device.type == "cuda":
+        problem = inplace_abn_gpu_problem(device)
+        if problem:
+            _say_once(f"{problem}; using the native ABN instead (the same function, more memory). "
+                      f"To use inplace-abn on this GPU, rebuild it here: {REBUILD}")
+            return "native"
+    return kind
+
+
+# What rebuilds the extension for the visible GPUs (the build script reads their architectures).
+REBUILD = ".venv/bin/pip uninstall -y inplace-abn && bash tools/build_inplace_abn.sh .venv/bin/python"
+_gpu_problems = {}
+
+
+def inplace_abn_gpu_problem(device):
+    """None when inplace_abn's CUDA kernels run on `device`, else what is wrong, in words.
+
+    A wheel built for other GPU architectures imports fine and fails only at its first kernel
+    launch ("no kernel image is available"), deep in a forward pass; one forward and backward on
+    a tiny tensor at start finds that out. The answer is kept per device."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _gpu_problems:
+        _gpu_problems[index] = _probe_inplace_abn(torch.device("cuda", index))
+    return _gpu_problems[index]
+
+
+def _probe_inplace_abn(device):
+    layer = _InPlaceABN(4).to(device)
+    x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    try:
+        # leaky_relu's backward inverts the activation in place, hence a clone to differentiate.
+        layer(x.clone()).sum().backward()
+        torch.cuda.synchronize(device)
+    except RuntimeError as exc:
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"inplace-abn's CUDA kernels do not run on {name} (compute capability "
+                f"{major}.{minor}, sm_{major}{minor}): {first_line}; it was built for other GPU "
+                "architectures (see TORCH_CUDA_ARCH_LIST in tools/build_inplace_abn.sh)")
+    return None
+
+
+def _say_once(message):
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+_said = set()
 
 
 def default_abn_kind():
     """InPlaceABN where it is importable, else the pure ABN (said once)."""
-    global _warned
     if InPlaceABN is None:
-        if not _warned:
-            warnings.warn(f"inplace_abn is not importable ({_IMPORT_ERROR}); using the pure-PyTorch "
-                          "ABN, which computes the same function with more memory. Run `make setup` "
-                          "to build inplace-abn.", stacklevel=3)
-            _warned = True
+        _say_once(f"inplace_abn is not importable ({_IMPORT_ERROR}); using the pure-PyTorch ABN, "
+                  "which computes the same function with more memory. Run `make setup` to build "
+                  "inplace-abn.")
         return "pure"
     return "inplace"
 
