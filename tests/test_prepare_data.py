@@ -1,4 +1,5 @@
-"""cmal.tools.prepare_data on miniature copies of each official layout, built in tmp_path."""
+"""cmal.tools.prepare_data (and the cmal.datasets modules it runs) on miniature copies of each
+official layout, built in tmp_path; the boxes.csv format alone is tested in test_boxes.py."""
 import hashlib
 import io
 import json
@@ -13,7 +14,10 @@ import pytest
 import scipy.io as sio
 from PIL import Image
 
-from cmal.tools import prepare_data
+from cmal.datasets.boxes import box_from_corners, box_from_size, read_boxes
+from cmal.datasets.food11 import FOOD11_CLASSES
+from cmal.datasets.parquet import class_namer
+from cmal.datasets.sources import folder_name, folder_names
 from cmal.tools.prepare_data import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +194,7 @@ def make_food11_flat(root):
 
 def make_food11_folders(root):
     for folder, count in {"training": 2, "validation": 1, "evaluation": 1}.items():
-        for c, name in enumerate(prepare_data.FOOD11_CLASSES):
+        for c, name in enumerate(FOOD11_CLASSES):
             for n in range(count):
                 save_jpeg(root / folder / name / f"{c}_{n}.jpg", width=8, height=8, seed=n)
     return root
@@ -398,7 +402,7 @@ def test_aircraft_boxes_are_converted_and_clipped_to_the_image_left(tmp_path, ca
     code, out_text, _ = run(capsys, "aircraft", src, tmp_path / "out")
     out = tmp_path / "out"
     assert code == 0 and f"boxes: 7 images -> {out / 'boxes.csv'}" in out_text
-    boxes = prepare_data.read_boxes(out / "boxes.csv")
+    boxes = read_boxes(out / "boxes.csv")
     assert len(boxes) == 7
     # 1-based inclusive columns 1-48, rows 1-44: the whole image left once the banner is cut.
     assert boxes[Path("train", "707-320", "1042824.jpg")] == (0, 0, 48, 44)
@@ -417,7 +421,7 @@ def test_aircraft_box_that_is_empty_is_left_out_with_a_note(tmp_path, capsys):
     code, out_text, _ = run(capsys, "aircraft", src, tmp_path / "out")
     assert code == 0 and "note: 1 boxes are left out of boxes.csv" in out_text
     assert "0001703.jpg" in out_text
-    boxes = prepare_data.read_boxes(tmp_path / "out" / "boxes.csv")
+    boxes = read_boxes(tmp_path / "out" / "boxes.csv")
     assert len(boxes) == 6 and Path("test", "Cessna 172", "0001703.jpg") not in boxes
 
 
@@ -491,7 +495,7 @@ def test_cars_devkit(tmp_path, capsys, labels_in_devkit):
         (src / "cars_test" / "00001.jpg").read_bytes()
     assert "train: 4 images, 3 classes; test: 3 images, 3 classes" in out_text
     assert tree(src) == before
-    boxes = prepare_data.read_boxes(out / "boxes.csv")
+    boxes = read_boxes(out / "boxes.csv")
     assert len(boxes) == 7
     # 1-based inclusive bbox_x1..bbox_y2 (6, 7, 33, 23) of the 4th train annotation.
     assert boxes[Path("train", "Ram C_V Cargo Van Minivan 2012", "00004.jpg")] == (5, 6, 33, 23)
@@ -581,7 +585,7 @@ def test_cars_torchvision_root(tmp_path, capsys):
         dataset = StanfordCars(root, split=split)
         assert dataset.classes == CARS_CLASSES
         for path, target in dataset._samples:
-            folder = prepare_data.folder_name(CARS_CLASSES[target])
+            folder = folder_name(CARS_CLASSES[target])
             assert (out / split / folder / Path(path).name).samefile(path)
 
 
@@ -598,7 +602,7 @@ def test_cars_car_ims_with_cars_annos(tmp_path, capsys):
     assert images(out, "test") == ["AM General Hummer SUV 2000/000002.jpg",
                                    "Ram C_V Cargo Van Minivan 2012/000004.jpg",
                                    "smart fortwo Convertible 2012/000006.jpg"]
-    boxes = prepare_data.read_boxes(out / "boxes.csv")
+    boxes = read_boxes(out / "boxes.csv")
     assert len(boxes) == 7
     assert boxes[Path("test", "Ram C_V Cargo Van Minivan 2012", "000004.jpg")] == (5, 6, 33, 23)
 
@@ -650,7 +654,7 @@ def test_parquet_without_class_names_uses_the_label_indices(tmp_path, capsys):
     check_layout(tmp_path / "out", 4, 3, 3)
     assert classes(tmp_path / "out", "test") == ["0", "1", "2"]
     # Zero-padded where the indices have several digits, so that the folders sort as they do.
-    assert prepare_data.class_namer([0, 5, 12], None, "x")(5) == "05"
+    assert class_namer([0, 5, 12], None, "x")(5) == "05"
 
 
 def test_parquet_export_without_test_labels_is_refused(tmp_path, capsys):
@@ -718,7 +722,7 @@ def test_cub(tmp_path, capsys):
                                    "002.Laysan_Albatross/Laysan_Albatross_0003_106.jpg",
                                    "003.Sooty_Albatross/Sooty_Albatross_0003_109.jpg"]
     assert "train: 6 images, 3 classes; test: 3 images, 3 classes" in out_text
-    boxes = prepare_data.read_boxes(out / "boxes.csv")
+    boxes = read_boxes(out / "boxes.csv")
     assert len(boxes) == 9
     # x y width height (6, 3, 10, 8.5) -> x0 y0 x1 y1, decimals kept where the source has them.
     assert boxes[Path("train", CUB_CLASSES[0], "Black_footed_Albatross_0002_102.jpg")] == \
@@ -732,7 +736,7 @@ def test_boxes_file_convention_in_pixels(tmp_path, capsys):
     make_cub(tmp_path / "dl")
     assert run(capsys, "cub", tmp_path / "dl", tmp_path / "out")[0] == 0
     image = Path("train", CUB_CLASSES[0], "Black_footed_Albatross_0001_101.png")
-    box = prepare_data.read_boxes(tmp_path / "out" / "boxes.csv")[image]
+    box = read_boxes(tmp_path / "out" / "boxes.csv")[image]
     with Image.open(tmp_path / "out" / image) as img:
         pixels = np.asarray(img.convert("L"))
         assert img.crop(box).size == (10, 8)
@@ -742,8 +746,8 @@ def test_boxes_file_convention_in_pixels(tmp_path, capsys):
     assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (x0, y0, x1, y1)
     # The sources' conventions: 1-based inclusive corners (Cars, Aircraft), x y width height
     # (CUB); columns 1 to 10 (1-based) are 10 columns, 0 to 9 (0-based).
-    assert prepare_data.box_from_corners(1, 1, 10, 5) == (0, 0, 10, 5)
-    assert prepare_data.box_from_size(5, 3, 10, 8) == (5, 3, 15, 11)
+    assert box_from_corners(1, 1, 10, 5) == (0, 0, 10, 5)
+    assert box_from_size(5, 3, 10, 8) == (5, 3, 15, 11)
 
 
 def test_cub_without_boxes_writes_no_boxes_file(tmp_path, capsys):
@@ -770,49 +774,6 @@ def test_cub_image_without_a_class_is_refused(tmp_path, capsys):
     assert code == 2 and f"{labels} has no line for image id 9" in err
 
 
-# ---- boxes.csv ---------------------------------------------------------------------------------
-
-def test_boxes_file_round_trip(tmp_path):
-    written = {Path("train", "Ram C_V, Cargo Van", "00001.jpg"): (2, 3, 30, 20),
-               Path("test", "x", "a b.png"): (0.5, 1.25, 7, 9.75)}
-    path = tmp_path / "boxes.csv"
-    prepare_data.write_boxes(path, written)
-    lines = path.read_text().splitlines()
-    assert lines[0] == "split,class,file,x0,y0,x1,y1"
-    assert 'train,"Ram C_V, Cargo Van",00001.jpg,2,3,30,20' in lines
-    assert "test,x,a b.png,0.5,1.25,7,9.75" in lines
-    assert prepare_data.read_boxes(path) == written
-
-
-@pytest.mark.parametrize("content, message", [
-    ("split,class,file,x,y,w,h\n", "the first line must be split,class,file,x0,y0,x1,y1"),
-    ("train,a,b.jpg,1,2,3\n", "line 2: expected 7 fields, got 6"),
-    ("train,a,b.jpg,1,2,x,4\n", "line 2: coordinates must be numbers"),
-    ("train,a,b.jpg,5,2,5,4\n", "line 2: x1 must exceed x0"),
-    ("train,a,b.jpg,-1,2,5,4\n", "line 2: x0 and y0 must be 0 or more"),
-    ("train,,b.jpg,1,2,5,4\n", "line 2: split, class and file must not be empty"),
-    ("train,a,b.jpg,1,2,5,4\ntrain,a,b.jpg,1,2,5,4\n", "line 3: a second box for train/a/b.jpg"),
-])
-def test_boxes_file_errors_name_the_line(tmp_path, content, message):
-    path = tmp_path / "boxes.csv"
-    header = "" if content.startswith("split") else "split,class,file,x0,y0,x1,y1\n"
-    path.write_text(header + content)
-    with pytest.raises(prepare_data.BoxesError) as caught:
-        prepare_data.read_boxes(path)
-    assert str(path) in str(caught.value) and message in str(caught.value)
-
-
-@pytest.mark.parametrize("image, box, message", [
-    (Path("train", "a", "b.jpg"), (3, 0, 3, 5), "x1 must exceed x0"),
-    (Path("b.jpg"), (0, 0, 3, 5), "split/class/file"),
-    (Path("train", "a", "b.jpg"), (0, 0, float("nan"), 5), "four finite numbers"),
-])
-def test_write_boxes_refuses_what_read_boxes_would(tmp_path, image, box, message):
-    with pytest.raises(prepare_data.BoxesError, match=message):
-        prepare_data.write_boxes(tmp_path / "boxes.csv", {image: box})
-    assert not (tmp_path / "boxes.csv").exists()
-
-
 # ---- Food-11 -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where, n_train, n_test", [(None, 55, 11), ("train", 55, 11),
@@ -824,7 +785,7 @@ def test_food11_validation_option(tmp_path, capsys, where, n_train, n_test):
     out = tmp_path / "out"
     assert code == 0
     check_layout(out, n_train, n_test, 11)
-    assert classes(out, "train") == sorted(prepare_data.FOOD11_CLASSES)
+    assert classes(out, "train") == sorted(FOOD11_CLASSES)
     validation_split = {None: "train", "train": "train", "test": "test"}.get(where)
     if validation_split:
         # training/0_0.jpg and validation/0_0.jpg both kept, under different names.
@@ -981,7 +942,7 @@ def test_failure_while_writing_leaves_no_output(tmp_path, capsys):
 
 
 def test_folder_names_are_safe_readable_and_unique():
-    names = prepare_data.folder_names(["F/A-18", "F_A-18", "Cessna 172", ".hidden", "a\\b"])
+    names = folder_names(["F/A-18", "F_A-18", "Cessna 172", ".hidden", "a\\b"])
     assert names["F/A-18"] == "F_A-18" or names["F_A-18"] == "F_A-18"
     assert len(set(names.values())) == 5
     assert names["Cessna 172"] == "Cessna 172"
