@@ -13,7 +13,7 @@ num_classes = 100
 epochs = 200
 batch_size = 16
 output_dir = "Results_Aircraft_TResNet_L"
-weights = "imagenet21k"              # the published ImageNet-21K-P TResNet-L-V2
+weights = "in21k"                    # the reference's ImageNet-21K-P TResNet-L-V2 (HF hub)
 # ----------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":

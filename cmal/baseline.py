@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from cmal.engine import LOSS_NAMES, NonFiniteError, _finite, optimisation_step
 from cmal.optimizer import set_learning_rates
-from cmal.tresnet import TResnetL_V2, load_tresnet_weights
+from cmal.tresnet import TResnetL_V2
+from cmal.tresnet.weights import RANDOM_INIT, load_backbone
 
 
 class BaselineNet(nn.Module):
@@ -34,15 +35,15 @@ class BaselineNet(nn.Module):
 
 def build_baseline(num_classes, weights=None, **backbone_options):
     """The baseline on TResNet-L-V2 (or a smaller TResNet-V2 via `layers` / `width_factor`);
-    `weights`: published TResNet-L-V2 weights for the body (their head is not used)."""
+    `weights`: TResNet-L-V2 weights for the body (their head is not used); the network's
+    `init_record` says what initialised it, as CMAL-Net's (model.build_cmal)."""
     backbone = TResnetL_V2({"num_classes": num_classes, **backbone_options})
-    if weights:
-        # A new classifier, as CMAL-Net's heads are new: a published head of the same class
-        # count (the Stanford Cars file) was trained on those very classes.
-        fresh = {k: v.clone() for k, v in backbone.head.state_dict().items()}
-        load_tresnet_weights(backbone, weights)
-        backbone.head.load_state_dict(fresh)
-    return BaselineNet(backbone)
+    # A new classifier, as CMAL-Net's heads are new: a published head of the same class count
+    # (the Stanford Cars file) was trained on those very classes.
+    record = load_backbone(backbone, weights, load_head=False) if weights else dict(RANDOM_INIT)
+    net = BaselineNet(backbone)
+    net.init_record = record
+    return net
 
 
 def baseline_train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=None,

@@ -292,12 +292,17 @@ class RunSaver:
     """The files of a run in its output folder, as timm's CheckpointSaver keeps them: last.pt
     (every epoch, and inside one on request), best.pt when the combined test accuracy improves,
     and the logs rewritten from the history. Only the main process writes; every process calls
-    it, since refusing non-finite weights is a decision all of them take."""
+    it, since refusing non-finite weights is a decision all of them take. `init`: what
+    initialised the run's network (weights.load_backbone's record, RANDOM_INIT, or None for a run
+    resumed from a checkpoint older than that record), kept in settings.json and every
+    checkpoint."""
 
-    def __init__(self, out_dir, model, optimizer, scaler, settings, classes, writes=True):
+    def __init__(self, out_dir, model, optimizer, scaler, settings, classes, writes=True,
+                 init=None):
         self.out_dir = Path(out_dir)
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.settings, self.classes, self.writes = settings, classes, writes
+        self.init = init
         self.tensorboard = None
 
     def start(self, state):
@@ -306,7 +311,8 @@ class RunSaver:
         if self.writes:
             remove_partial_files(self.out_dir)
             write_text(self.out_dir / SETTINGS_FILE,
-                       json.dumps(self.settings.to_dict(), indent=2, sort_keys=True) + "\n")
+                       json.dumps({**self.settings.to_dict(), "init": self.init}, indent=2,
+                                  sort_keys=True) + "\n")
             write_logs(self.out_dir, state)
             if self.settings.tensorboard:
                 self.tensorboard = TensorBoardLog(self.out_dir, state)
@@ -326,7 +332,8 @@ class RunSaver:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 **{f.name: getattr(state, f.name) for f in fields(state)},
-                "settings": self.settings.to_dict(), "classes": self.classes, "rng": rng_state()}
+                "settings": self.settings.to_dict(), "init": self.init, "classes": self.classes,
+                "rng": rng_state()}
         save(ckpt, self.out_dir / ("best.pt" if best else "last.pt"))
         if best:
             link_or_copy(self.out_dir / "best.pt", self.out_dir / "last.pt")

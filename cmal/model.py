@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from cmal.basic_conv import BasicConv
-from cmal.tresnet import TResnetL_V2, abn_kind_for, load_tresnet_weights
+from cmal.tresnet import TResnetL_V2, abn_kind_for
+from cmal.tresnet.weights import RANDOM_INIT, load_backbone
 
 
 class Features(nn.Module):
@@ -116,20 +117,23 @@ def build_cmal(num_classes, weights=None, mid_channels=512, feature_channels=102
                **backbone_options):
     """CMAL-Net on TResNet-L-V2 (or a smaller TResNet-V2 via `layers` / `width_factor`).
 
-    `weights`: a published TResNet-L-V2 file for the backbone (path, URL, or a name in
-    src.models.PUBLISHED_WEIGHTS); its classifier head is not used by CMAL-Net.
+    `weights`: TResNet-L-V2 weights for the backbone (a name of weights.WEIGHT_NAMES, a URL or a
+    file); their classifier head is not used by CMAL-Net. The network's `init_record` says what
+    initialised it (weights.load_backbone's record, or RANDOM_INIT), as timm's models keep their
+    pretrained_cfg.
     """
     backbone = TResnetL_V2({"num_classes": num_classes, **backbone_options})
-    if weights:
-        load_tresnet_weights(backbone, weights)
-    return CMALNet(list(backbone.body.children()), num_classes, backbone.stage_channels,
-                   mid_channels=mid_channels, feature_channels=feature_channels, hidden=hidden)
+    record = load_backbone(backbone, weights, load_head=False) if weights else dict(RANDOM_INIT)
+    net = CMALNet(list(backbone.body.children()), num_classes, backbone.stage_channels,
+                  mid_channels=mid_channels, feature_channels=feature_channels, hidden=hidden)
+    net.init_record = record
+    return net
 
 
 def build_from_settings(cfg, device, weights=None):
     """The CMAL-Net (or with --method=baseline, the baseline) a run's settings describe, on
     `device` (its ABN chosen for that device and --amp); `weights`: backbone weights for a new
-    run."""
+    run. Its `init_record` says what initialised it (see build_cmal)."""
     if cfg.method == "baseline":
         from cmal.baseline import build_baseline  # baseline.py imports the engine
         return build_baseline(cfg.num_classes, weights=weights or None, layers=cfg.layers,

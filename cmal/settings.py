@@ -104,8 +104,14 @@ class Settings:
     workers: int = _setting(4, int, "data loading processes per training process")
     output_dir: str = _setting("Results", str, "folder for checkpoints and logs")
     weights: str = _setting(
-        "", str, "TResNet-L-V2 backbone weights: a file, a URL, 'stanford_cars' or 'imagenet21k' "
-                 "(published files), or '' for random initialisation")
+        "", str, "TResNet-L-V2 backbone weights: in21k (the reference's ImageNet-21K-P "
+                 "pretraining, timm's copy on the HuggingFace hub, fetched through "
+                 "huggingface_hub: HF_HUB_OFFLINE and HF_ENDPOINT apply), in21k_ft_in1k (the same "
+                 "fine-tuned on ImageNet-1K), imagenet21k (the publisher's file where a copy is "
+                 "cached, else in21k), stanford_cars (the publisher's Cars-fine-tuned file the "
+                 "reference used: no longer published, so only a cached or local copy), a URL, or "
+                 "a local .pth/.pt/.safetensors file in the published or timm's key names; '' "
+                 "starts from random weights (far below the paper)")
     lr: float = _setting(0.002, float, "learning rate of the heads (cosine-annealed per epoch)")
     backbone_lr: float = _setting(0.0002, float, "learning rate of the backbone")
     momentum: float = _setting(0.9, float, "SGD momentum")

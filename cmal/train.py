@@ -1,13 +1,14 @@
 """Train and evaluate CMAL-Net on any train/test image-folder dataset.
 
-    python train.py --data_path=DATA --num_classes=N [--weights=imagenet21k] [--resume] ...
+    python train.py --data_path=DATA --num_classes=N [--weights=in21k] [--resume] ...
     torchrun --nproc_per_node=K train.py ...        (several GPUs, or CPU processes)
 
 The dataset scripts (train_Stanford_Cars_TResNet_L.py, ...) call main() with their own defaults;
 `--help` lists every setting (settings.py). A run writes into output_dir: last.pt (every epoch),
 best.pt (best combined test accuracy; with --val_split, best on validation), results_train.txt /
 results_test.txt (the reference's formats), log.jsonl (one JSON record per epoch), summary.csv,
-settings.json, and with --tensorboard the event files in tensorboard/.
+settings.json (the settings, and under "init" what initialised the network, as the checkpoints
+record it), and with --tensorboard the event files in tensorboard/.
 """
 import os
 import signal
@@ -28,6 +29,7 @@ from cmal.errors import run_command
 from cmal.model import build_from_settings, compile_network
 from cmal.optimizer import load_optimizer_state, make_optimizer, set_hyperparameters, zero_fill_grads
 from cmal.tresnet import resolve_weights
+from cmal.tresnet.weights import init_lines
 
 
 def should_evaluate(epoch, cfg):
@@ -258,8 +260,14 @@ class Training:
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.state = restore(ck, path, cfg, classes, model, self.optimizer, self.scaler) \
             if ck is not None else ckpt_io.RunState()
+        # What initialised the network: this run's backbone weights, or for a resumed run what it
+        # started from (None in a checkpoint written before runs recorded it). The first lines
+        # of a new run, after the resume line of a resumed one.
+        self.init = model.init_record if ck is None else ck.get("init")
+        for line in init_lines(self.init):
+            log(line)
         self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
-                                      classes, writes=dist.is_main())
+                                      classes, writes=dist.is_main(), init=self.init)
         best = Path(cfg.output_dir) / "best.pt"
         if self.validated() and self.state.best_epoch is not None and not best.exists():
             # The run's test is scored with best.pt at the end: it must be this folder's.
