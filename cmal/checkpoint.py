@@ -4,6 +4,7 @@ Every file is written beside its final name and renamed over it, so a crash at a
 leaves either the old or the new file, never a broken one. The logs are rewritten from the
 history held in the checkpoint, so after a resume each epoch appears in them exactly once.
 """
+import contextlib
 import fcntl
 import json
 import os
@@ -19,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cmal.errors import UserError
+from cmal.errors import UserError, WriteError, disk_full_cause, write_error
 from cmal.tresnet.weights import WeightsError, check_compatible, read_checkpoint
 
 FORMAT = "cmal-checkpoint-1"
@@ -61,8 +62,9 @@ def prepare_output_dir(out_dir):
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise OutputDirError(f"cannot write into --output_dir={out} ({exc.strerror}); choose a "
-                             "folder you can write to") from None
+        fix = "free space on its device" if disk_full_cause(exc) else "make it writable"
+        raise OutputDirError(f"cannot write into --output_dir={out} ({exc.strerror}); {fix}, or "
+                             "choose another --output_dir") from None
     return created
 
 
@@ -131,21 +133,56 @@ def clear_run_files(out_dir):
 
 
 def _atomic_write(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `path` through `write(file)` into a temporary file beside it, renamed over it once
+    complete; a failure to write (a full disk, a read-only folder) is a WriteError saying that
+    the previous file is intact."""
+    path, tmp, out = Path(path), None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         # mkstemp creates the file 0600; the result should be readable as the user's umask says,
         # as a plain open() would make it (colleagues on a shared server read checkpoints).
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            out = _Recorded(f)
+            write(out)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        recorded = out.error if out is not None else None
+        cause = disk_full_cause(exc) or disk_full_cause(recorded) or \
+            (exc if isinstance(exc, OSError) else None)
+        if cause is None:
+            raise
+        raise _unwritten(path, cause) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _unwritten(path, cause):
+    outcome = (f"the previous {path.name} is intact" if path.exists() else
+               f"no {path.name} was written")
+    return write_error(path, cause, outcome)
+
+
+class _Recorded:
+    """A binary file that keeps the error of its failed write (`error`): torch.save reports
+    one as a RuntimeError without the errno that says the disk is full."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self):
+        return self.file.flush()
 
 
 def _umask():
@@ -166,13 +203,18 @@ def link_or_copy(src, dst):
     """Make `dst` hold what `src` holds now (a hard link where possible), atomically."""
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.link.tmp")
-    if tmp.exists():
-        tmp.unlink()
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        if tmp.exists():
+            tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _unwritten(dst, exc) from None
 
 
 def remove_partial_files(folder):
@@ -211,11 +253,11 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def load(path):
-    """A training checkpoint written by this project, read without running any code."""
+def load(path, option=None, hint=""):
+    """A training checkpoint written by this project, read without running any code. `option`:
+    the setting that named it; `hint`: what to do instead if it is some other file."""
     if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file; pass the "
-                              "last.pt or best.pt that a training run wrote into its output_dir")
+        raise not_a_file(path, option)
     try:
         ckpt = read_checkpoint(path)
     except WeightsError as exc:
@@ -223,8 +265,24 @@ def load(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a CMAL-Net training checkpoint of this project (no '{FORMAT}' "
-            "marker). To start from TResNet weights, pass them with --weights instead.")
+            f"marker); pass the last.pt or best.pt that a training run wrote{hint}")
     return ckpt
+
+
+def not_a_file(path, option=None, alternative=""):
+    """The CheckpointError of a checkpoint path that is a folder or nothing; `option` names the
+    setting it came from, `alternative` another way to give one."""
+    path = Path(path)
+    given = f"{option}={path}" if option else f"checkpoint {path}"
+    if path.is_dir():
+        inside = [str(path / name) for name in ("last.pt", "best.pt") if (path / name).is_file()]
+        return CheckpointError(
+            f"{given} is a folder; pass a checkpoint file"
+            + (f", such as {' or '.join(inside)}" if inside else
+               " (the last.pt or best.pt of a training run; this folder holds neither)")
+            + alternative)
+    return CheckpointError(f"{given} does not exist; pass the last.pt or best.pt that a training "
+                           f"run wrote into its output_dir{alternative}")
 
 
 @dataclass
@@ -320,12 +378,13 @@ class RunSaver:
     def save(self, state, best=False):
         """last.pt of `state`; a new best is written to best.pt first and last.pt made a link
         to it, so that a crash in between leaves last.pt behind best.pt, never ahead of it."""
-        from cmal.engine import NonFiniteError
+        from cmal.engine import NON_FINITE_FIXES, NonFiniteError
         if not torch.stack([t.isfinite().all() for t in self.model.state_dict().values()
                             if t.is_floating_point()]).all():
             raise NonFiniteError(f"the weights hold NaN or infinite values at epoch "
                                  f"{state.epoch + 1}; the run is stopped and no checkpoint was "
-                                 "written from this state. Lower --lr or prefer --amp=bf16.")
+                                 f"written from this state. {NON_FINITE_FIXES}"
+                                 + (" Prefer --amp=bf16 to fp16." if self.scaler else ""))
         if not self.writes:
             return
         ckpt = {"format": FORMAT, "model": self.model.state_dict(),
@@ -334,9 +393,14 @@ class RunSaver:
                 **{f.name: getattr(state, f.name) for f in fields(state)},
                 "settings": self.settings.to_dict(), "init": self.init, "classes": self.classes,
                 "rng": rng_state()}
-        save(ckpt, self.out_dir / ("best.pt" if best else "last.pt"))
-        if best:
-            link_or_copy(self.out_dir / "best.pt", self.out_dir / "last.pt")
+        last = self.out_dir / "last.pt"
+        try:
+            save(ckpt, self.out_dir / ("best.pt" if best else "last.pt"))
+            if best:
+                link_or_copy(self.out_dir / "best.pt", last)
+        except WriteError as exc:  # best.pt is written first: last.pt is as it was either way
+            raise exc.amended(outcome=f"the previous {last.name} is intact" if last.exists()
+                              else "no last.pt was written yet") from None
 
     def end_epoch(self, state, best):
         """The checkpoint and the logs of a finished epoch (`state` already past it)."""
@@ -388,12 +452,14 @@ def _settings_of(ck):
 
 def load_model_state(model, ckpt, path):
     """Load the checkpoint's weights, refusing another architecture or class count by name."""
+    # The network was built from the checkpoint's own settings: a mismatch is in the file.
     try:
-        check_compatible(model.state_dict(), ckpt["model"], str(path))
+        check_compatible(model.state_dict(), ckpt["model"], str(path),
+                         fix=f"The network was built from the settings recorded in {path}, so "
+                             "its weights were altered or written by another version of this "
+                             "project; use another checkpoint.")
     except WeightsError as exc:
-        raise CheckpointError(f"{exc} (check --num_classes, --layers, --width_factor and the "
-                              "head sizes against the settings the checkpoint was trained "
-                              "with)") from None
+        raise CheckpointError(str(exc)) from None
     model.load_state_dict(ckpt["model"])
 
 

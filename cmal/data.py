@@ -5,6 +5,7 @@ Augmentation is reproducible by construction: the sampler hands each sample a se
 is thus the same whatever the number of workers or processes, and an interrupted epoch can be
 resumed at any batch.
 """
+import errno
 import os
 import re
 import signal
@@ -129,7 +130,34 @@ def allow_images_up_to(max_pixels):
 
 
 def class_folders(split_dir):
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(split_dir) if _is_folder(e) and not e.name.startswith("."))
+
+
+def _is_folder(entry):
+    """entry.is_dir(), and False for a link that cannot be followed (a link cycle)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _unfollowable(exc):
+    """Why a link is skipped, from the error of following it."""
+    if exc.errno == errno.ELOOP:
+        return "a link cycle (links that lead to each other, or to themselves)"
+    return f"a link that cannot be followed ({exc.strerror})"
+
+
+def _broken_links(split_dir):
+    """(path, why) of the entries of a split folder that are links that cannot be followed: no
+    class folders, but worth a line in check_data."""
+    found = []
+    for entry in os.scandir(split_dir):
+        try:
+            entry.is_dir()
+        except OSError as exc:
+            found.append((entry.path, _unfollowable(exc)))
+    return sorted(found)
 
 
 def _inside(path, folder):
@@ -164,7 +192,12 @@ class _ClassFiles:
             if entry.name.startswith("."):
                 continue
             target = os.path.realpath(entry.path)
-            if entry.is_dir():
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError as exc:  # links that lead to each other (a -> b, b -> a)
+                self.skipped.append((entry.path, _unfollowable(exc)))
+                continue
+            if is_dir:
                 if entry.is_symlink() and not _inside(target, self._base):
                     self.skipped.append((entry.path, f"a link to {target}, outside its class "
                                                      f"folder {self._base}; it is not followed"))
@@ -206,6 +239,7 @@ class Layout:
         self.ignored = []  # files in class folders that are not images
         self.skipped = []  # (path, why): links not followed, duplicates, non-regular files
         self.problems = []
+        self.warnings = []  # what works here but not everywhere: class names equal but for case
         self._scan(num_classes)
 
     def _scan(self, num_classes):
@@ -219,6 +253,8 @@ class Layout:
             return
         names = {}
         for split in SPLITS:
+            if (root / split).is_dir():
+                self.skipped += _broken_links(root / split)
             if not (root / split).is_dir():
                 self.problems.append(f"{root} has no '{split}' folder: {layout}")
             elif not class_folders(root / split):
@@ -236,6 +272,7 @@ class Layout:
                 "the same class folders.")
             return
         self.classes = names["train"]
+        self.warnings += _case_collisions(root / "train", self.classes)
         splits = SPLITS
         if self.with_val and (root / VAL_SPLIT).is_dir():
             splits += (VAL_SPLIT,)
@@ -273,6 +310,18 @@ class Layout:
                     f"{', '.join(IMG_EXTENSIONS)})")
 
 
+def _case_collisions(folder, classes):
+    """A warning per group of class names that differ only in case: distinct classes here, one
+    folder on a case-insensitive filesystem (macOS, Windows), where a copy merges them."""
+    groups = {}
+    for name in classes:
+        groups.setdefault(name.casefold(), []).append(name)
+    return [f"{folder} holds class folders whose names differ only in case: {', '.join(same)}; "
+            "a copy to a case-insensitive filesystem (macOS, Windows) would merge their images "
+            "into one folder: rename them apart (in train and test)"
+            for same in groups.values() if len(same) > 1]
+
+
 def _some(names, limit=10):
     if not names:
         return "none"
@@ -292,6 +341,8 @@ def check_layout(root, num_classes=None, with_val=False):
     if layout.ignored:
         warnings.warn(f"{len(layout.ignored)} files in {root} are not images and are ignored, "
                       f"e.g. {layout.ignored[0]} (python -m cmal.tools.check_data {root} lists them)")
+    for warning in layout.warnings:
+        warnings.warn(warning)
     if layout.skipped:
         path, why = layout.skipped[0]
         warnings.warn(f"{len(layout.skipped)} entries of {root} are skipped, e.g. {path}: {why} "
@@ -522,9 +573,11 @@ def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
     allow_images_up_to(cfg.max_image_pixels)
     # Before training, so that an unreadable file stops the run in its first seconds and not at
     # its batch, or for the test split after a whole epoch.
-    samples = {split: check_images(found, cfg.max_image_pixels, cfg.skip_bad_images, split,
-                                   cfg.check_images)
-               for split, found in split_samples(cfg, samples).items()}
+    found = len(samples["train"])
+    split = split_samples(cfg, samples)
+    samples = {name: check_images(listed, cfg.max_image_pixels, cfg.skip_bad_images, name,
+                                  cfg.check_images)
+               for name, listed in split.items()}
     if cfg.batch_size % world_size or cfg.batch_size // world_size < 2:
         raise DatasetError(f"batch_size={cfg.batch_size} must split into at least two samples "
                            f"for each of the {world_size} processes")
@@ -549,6 +602,19 @@ def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
                                  generator=torch.Generator().manual_seed(cfg.seed), **common)
                for split, dataset in evaluated.items()}
     if len(train) == 0:
-        raise DatasetError(f"{cfg.data_path}/train has {len(train_set)} images, fewer than one "
-                           f"batch of {cfg.batch_size}; lower --batch_size or add images")
+        raise _too_few_to_train(cfg, found, len(split["train"]), len(train_set))
     return Loaders(train, ordered["test"], classes, ordered.get(VAL_SPLIT))
+
+
+def _too_few_to_train(cfg, found, after_hold_out, kept):
+    """The DatasetError of a train split smaller than one batch, counting the images found, those
+    --val_split holds out and those skipped as unreadable, so that the fix is plain."""
+    held, skipped = found - after_hold_out, after_hold_out - kept
+    fixes = (["--val_split"] if held else []) + ["--batch_size"]
+    return DatasetError(
+        f"{cfg.data_path}/train has {found} images"
+        + (f", of which --val_split={cfg.val_split} holds out {held} for validation"
+           if held else "")
+        + (f", and {skipped} are skipped as unreadable" if skipped else "")
+        + f": {kept} left to train on, fewer than one batch of {cfg.batch_size}; lower "
+        + " or ".join(fixes) + ", or add images")

@@ -128,6 +128,12 @@ def new_epoch_stats():
             **{k: 0.0 for k in LOSS_NAMES}}
 
 
+# What to do about a loss or weights that went non-finite: a resumed run keeps the learning rate
+# it was trained with, so a lower one means a new run.
+NON_FINITE_FIXES = ("Start a new run with a lower --lr (--overwrite or another --output_dir), or "
+                    "check the data (python -m cmal.tools.check_data DATA_PATH).")
+
+
 def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, stats=None,
                     amp_dtype=None, scaler=None, channels_last=False, after_batch=None,
                     progress=True, iteration=None):
@@ -166,9 +172,8 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
         except NonFiniteError as exc:
             raise NonFiniteError(
                 f"non-finite training loss at epoch {epoch + 1}, batch {stats['position']} "
-                f"({exc}). The run is stopped and no checkpoint was written from this state. Lower "
-                "--lr, check the data (python -m cmal.tools.check_data DATA_PATH), or prefer --amp=bf16 to "
-                "fp16.") from None
+                f"({exc}). The run is stopped and no checkpoint was written from this state. "
+                f"{NON_FINITE_FIXES}" + (" Prefer --amp=bf16 to fp16." if scaler else "")) from None
         stats["batches"] += 1
         stats["total"] += targets.shape[0]
         stats["correct"] += step["correct"]

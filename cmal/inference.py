@@ -33,7 +33,17 @@ def tool_parser(description):
     p.add_argument("--overwrite", type=parse_bool, nargs="?", const=True, default=False,
                    help="replace output files that already exist (never the checkpoint or an "
                         "input image)")
+    p.add_argument("--max_image_pixels", type=_positive, default=None,
+                   help="refuse images with more pixels (decompression bombs); by default the "
+                        "limit the checkpoint was trained with")
     return p
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def check_output(path, inputs, overwrite, option):
@@ -51,10 +61,12 @@ def check_output(path, inputs, overwrite, option):
                         "pass --overwrite to replace it")
 
 
-def load_model(path, device):
-    """(model in eval mode, class names, settings) of a training checkpoint."""
+def load_model(path, device, max_image_pixels=None):
+    """(model in eval mode, class names, settings) of a training checkpoint; `max_image_pixels`
+    replaces the limit on image size it was trained with."""
     try:
         model, classes, cfg = ckpt_io.load_trained(path, device)
+        cfg.max_image_pixels = max_image_pixels or cfg.max_image_pixels
         allow_images_up_to(cfg.max_image_pixels)
         return model, classes, cfg
     except ckpt_io.CheckpointError as exc:

@@ -7,6 +7,7 @@ misspelt name stops with the closest valid one, and options are never matched by
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -230,6 +231,9 @@ CHANGEABLE_ON_RESUME = frozenset({
     "extend", "tta_flip",
     "output_dir", "save_every", "check_images", "skip_bad_images", "max_image_pixels",
     "test_batch_size", "deterministic", "sgd", "compile"})
+# What a run records besides its checkpoints and logs: a resumed run keeps the checkpoint's
+# choice unless the command line gives one (it changes nothing computed).
+RECORDING = frozenset({"tensorboard"})
 # What evaluating a checkpoint takes from it: the network, the images it was trained on, and how
 # it was trained (named in the printout).
 EVALUATED_AS_TRAINED = frozenset({
@@ -246,12 +250,14 @@ def given_on_command_line(argv):
 
 
 def from_checkpoint_for(cfg, saved, given, path, evaluation=False):
-    """`cfg` with the settings a checkpoint decides: all but CHANGEABLE_ON_RESUME when resuming,
-    EVALUATED_AS_TRAINED when evaluating. A command-line value that contradicts the checkpoint
+    """`cfg` with the settings a checkpoint decides: all but CHANGEABLE_ON_RESUME (and RECORDING
+    settings given on the command line) when resuming, EVALUATED_AS_TRAINED when evaluating. A command-line value that contradicts the checkpoint
     is refused naming both; a default or script value is replaced, and named in the returned
     notes. --epochs may grow with --extend once the run is finished."""
     saved = Settings.from_checkpoint(saved)
     decided = EVALUATED_AS_TRAINED if evaluation else set(NAMES) - CHANGEABLE_ON_RESUME
+    if not evaluation:
+        decided = decided - (RECORDING & set(given))
     if not evaluation and cfg.extend:
         decided = decided - {"epochs"}
     conflicts, notes = [], []
@@ -273,7 +279,10 @@ def from_checkpoint_for(cfg, saved, given, path, evaluation=False):
 
 
 def _show(value):
-    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+    """A setting's value as a command line would give it; an empty one as ''."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "''" if value == "" else value
 
 
 def closest(name, prefix=""):
@@ -347,9 +356,21 @@ def validate(cfg):
     if len(cfg.layers) != 4 or min(cfg.layers) < 1:
         problems.append(f"--layers must be four positive integers, got {cfg.layers}")
     for name in ("epochs", "batch_size", "test_batch_size", "image_size", "resize",
-                 "max_image_pixels"):
+                 "max_image_pixels", "head_mid", "head_features", "head_hidden"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("lr", "backbone_lr", "momentum", "weight_decay", "width_factor"):
+        if not math.isfinite(getattr(cfg, name)):
+            problems.append(f"--{name} must be a finite number, got {getattr(cfg, name)}")
+    if math.isfinite(cfg.width_factor) and int(64 * cfg.width_factor) < 1:
+        problems.append(f"--width_factor must be at least 1/64 (the first stage keeps "
+                        f"int(64 x width_factor) channels; 1.0 is TResNet-L-V2), got "
+                        f"{cfg.width_factor}")
+    if cfg.momentum >= 1:
+        problems.append(f"--momentum must be below 1 (0.9 in the paper; at 1 or above the "
+                        f"updates grow without bound), got {cfg.momentum}")
+    if not -2 ** 63 <= cfg.seed < 2 ** 64:
+        problems.append(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {cfg.seed}")
     if cfg.batch_size == 1:
         problems.append("--batch_size must be at least 2 (the classifiers' BatchNorm1d needs two "
                         "samples)")
@@ -366,14 +387,17 @@ def validate(cfg):
                             "it); use --abn=auto")
     if cfg.num_classes is not None and cfg.num_classes < 2:
         problems.append(f"--num_classes must be at least 2, got {cfg.num_classes}")
-    for name in ("workers", "eval_every", "save_every", "lr", "backbone_lr", "momentum",
-                 "weight_decay"):
+    for name in ("workers", "eval_every", "save_every", "threads", "crop_padding", "lr",
+                 "backbone_lr", "momentum", "weight_decay"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} cannot be negative, got {getattr(cfg, name)}")
     for name, choices in (("method", METHODS), ("ablation", ABLATIONS)):
         if getattr(cfg, name) not in choices:
             problems.append(f"--{name} must be one of {', '.join(choices)}, got "
                             f"{getattr(cfg, name)!r}")
+    if cfg.tta_flip and not cfg.test_only:
+        problems.append("--tta_flip scores mirror images when evaluating a checkpoint "
+                        "(--test_only); a training run does not use it: leave it out")
     if cfg.method == "baseline" and cfg.ablation != "none":
         problems.append(f"--ablation={cfg.ablation} varies CMAL-Net's iteration; the baseline "
                         "has none (leave --ablation out with --method=baseline)")

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ from cmal import methods
 from cmal import settings
 from cmal.data import build_loaders, mix_seed, shutdown_workers
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
-from cmal.errors import run_command
+from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command,
+                         unnamed_disk_full)
 from cmal.model import build_from_settings, compile_network
 from cmal.optimizer import load_optimizer_state, make_optimizer, set_hyperparameters, zero_fill_grads
 from cmal.tresnet import resolve_weights
@@ -121,7 +123,8 @@ def resume_path(cfg):
         return path
     path = Path(cfg.resume)
     if not path.is_file():
-        raise ckpt_io.CheckpointError(f"--resume={path}: no such file")
+        raise ckpt_io.not_a_file(path, "--resume", f", or give --resume no value to continue "
+                                                   f"{Path(cfg.output_dir) / 'last.pt'}")
     return path
 
 
@@ -172,13 +175,16 @@ def run(cfg, given=frozenset()):
         lock = ckpt_io.RunLock(cfg.output_dir).acquire()
     try:
         path = evaluated_path(cfg) if cfg.test_only else resume_path(cfg)
-        ck = ckpt_io.load(path) if path else None
+        ck = load_checkpoint(path, cfg) if path else None
         if ck is not None:
             cfg = settings_of_checkpoint(cfg, ck, given, path)
         if not cfg.test_only:
             check_previous_run(cfg, path)
         torch.manual_seed(cfg.seed)
-        loaders = build_loaders(cfg, dist.rank(), dist.world_size(),
+        # A checkpoint's classes are checked by name (check_classes), whose fix applies to it:
+        # another --data_path, not another --num_classes.
+        scanned = cfg if ck is None else replace(cfg, num_classes=None)
+        loaders = build_loaders(scanned, dist.rank(), dist.world_size(),
                                 pin_memory=device.type == "cuda")
         try:
             return _run(cfg, device, path, ck, loaders)
@@ -190,10 +196,24 @@ def run(cfg, given=frozenset()):
             lock.release()
 
 
+def load_checkpoint(path, cfg):
+    """The checkpoint a run continues or --test_only scores, refusing other files by name."""
+    option = "--resume" if cfg.resume and cfg.resume != "auto" else None
+    hint = "" if cfg.test_only else (" (to start a new run from TResNet weights, pass them with "
+                                     "--weights instead)")
+    return ckpt_io.load(path, option, hint)
+
+
 def evaluated_path(cfg):
     """The checkpoint --test_only scores: --resume=PATH, else output_dir/best.pt."""
-    return Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else \
-        Path(cfg.output_dir) / "best.pt"
+    if cfg.resume and cfg.resume != "auto":
+        return Path(cfg.resume)
+    path = Path(cfg.output_dir) / "best.pt"
+    if not path.is_file():
+        raise ckpt_io.not_a_file(path, alternative=" (--test_only evaluates --output_dir's "
+                                                   "best.pt: pass --output_dir=RUN_FOLDER, or "
+                                                   "--resume=CHECKPOINT)")
+    return path
 
 
 def settings_of_checkpoint(cfg, ck, given, path):
@@ -236,7 +256,22 @@ def _run(cfg, device, path, ck, loaders):
         if dist.is_main():  # one download, not one per process
             resolve_weights(cfg.weights)
         dist.barrier()
-    return Training(cfg, device, path, ck, loaders).fit()
+    try:
+        return Training(cfg, device, path, ck, loaders).fit()
+    except (OSError, RuntimeError) as exc:  # TensorBoard's writer names no file
+        cause = disk_full_cause(exc)
+        if cause is None:
+            raise
+        raise resumable(unnamed_disk_full(cause), cfg.output_dir) from None
+    except WriteError as exc:
+        raise resumable(exc, cfg.output_dir) from None
+
+
+def resumable(exc, out_dir):
+    """A failed write of a training run, advising how to continue: the files it keeps were
+    written atomically, so the run resumes from its last complete checkpoint."""
+    fix = "free space" if isinstance(exc, DiskFullError) else f"make {out_dir} writable"
+    return exc.amended(advice=f"{fix}, then continue the run with --resume")
 
 
 class Training:
@@ -442,9 +477,26 @@ def test_only(cfg, device, ck, path, test_loader):
         + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"
            if cfg.tta_flip else ""))
     if dist.is_main():
-        written = write_evaluation_report(report, classes, result["confusion"], rows)
+        try:
+            written = write_evaluation_report(report, classes, result["confusion"], rows)
+        except (WriteError, OSError) as exc:
+            raise report_not_written(exc, report, path) from None
         log(f"per-class accuracy and confusion matrix: {', '.join(str(p) for p in written)}")
     return 0
+
+
+def report_not_written(exc, report, path):
+    """--test_only could not write its report beside the checkpoint: the accuracies it printed
+    stand; say where the report can be written instead."""
+    full = isinstance(exc, DiskFullError) or disk_full_cause(exc) is not None
+    reason = exc.problem if isinstance(exc, WriteError) else f"cannot write ({exc.strerror})"
+    elsewhere = (f"link or copy {path} into a folder you can write to and evaluate that "
+                 f"(--test_only --resume=FOLDER/{path.name}): the report is written beside the "
+                 "checkpoint")
+    return ckpt_io.CheckpointError(
+        f"the accuracies above stand, but the evaluation report could not be written into "
+        f"{report} ({reason}); " + (f"free space and evaluate again, or {elsewhere}" if full
+                                    else elsewhere))
 
 
 def main(defaults=None, argv=None, description=None):

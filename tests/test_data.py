@@ -215,3 +215,46 @@ def test_check_data_ok(tmp_path, capsys):
     root = make_image_folder(tmp_path / "d")
     assert check_data.main([str(root), "--workers=1", "--image_size=32"]) == 0
     assert capsys.readouterr().out.strip().endswith("OK")
+
+
+# ---- link cycles, names equal but for case, and counts that add up (#18) -----------------------
+def test_a_link_cycle_is_skipped_and_listed_not_a_traceback(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "d")
+    for folder in (root / "train" / "class_0", root / "train"):  # in a class folder, and above
+        (folder / "a").symlink_to("b")
+        (folder / "b").symlink_to("a")
+    assert check_data.main([str(root), "--workers=1", "--image_size=32"]) == 0
+    out = capsys.readouterr().out
+    for folder in (root / "train" / "class_0", root / "train"):
+        for name in "ab":
+            assert f"SKIPPED {folder / name}: a link cycle" in out
+    assert "4 skipped entries" in out and out.strip().endswith("OK")
+    # Training's scan takes the images and warns, naming check_data.
+    with pytest.warns(UserWarning, match="4 entries .* are skipped, e.g. .*a link cycle"):
+        classes, samples = check_layout(root)
+    assert classes == ["class_0", "class_1", "class_2"] and len(samples["train"]) == 24
+
+
+def test_class_names_equal_but_for_case_are_flagged(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "d", classes=2)
+    for split in ("train", "test"):
+        (root / split / "class_0").rename(root / split / "Class_0")
+        (root / split / "CLASS_1").mkdir()
+        (root / split / "class_1" / "0.jpg").rename(root / split / "CLASS_1" / "0.jpg")
+    assert check_data.main([str(root), "--workers=1", "--image_size=32"]) == 1
+    out = capsys.readouterr().out
+    assert f"CASE    {root / 'train'} holds class folders whose names differ only in case: " \
+           "CLASS_1, class_1;" in out and "case-insensitive filesystem" in out
+    assert "Class_0" not in out.split("CASE")[1].split("\n")[0]
+    assert not out.strip().endswith("OK")
+    with pytest.warns(UserWarning, match="differ only in case: CLASS_1, class_1"):
+        check_layout(root)
+
+
+def test_a_hold_out_too_large_counts_the_images_found(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "d")  # 8 train images in each of 3 classes
+    assert _run(root, tmp_path / "out", "--val_split=0.9") == 2
+    err = capsys.readouterr().err
+    assert (f"{root}/train has 24 images, of which --val_split=0.9 holds out 21 for validation: "
+            "3 left to train on, fewer than one batch of 4; lower --val_split or --batch_size"
+            ) in err

@@ -980,3 +980,20 @@ def test_food11_validation_to_val_feeds_val_split_folder(tmp_path, capsys):
         (33, 22, 11)
     assert "Bread/validation_0_0.jpg" in images(out, "val")
     assert len(scan(out, with_val=True)[1]["val"]) == 22  # what --val_split=folder reads
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\xff\xd8")  # the first bytes, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    src = make_aircraft(tmp_path / "dl")  # re-encoded (the banner is cut off): new files
+    before = tree(src)
+    monkeypatch.setattr(Image.Image, "save", full)
+    code, _, err = run(capsys, "aircraft", src, tmp_path / "out")
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"no space left on the device holding {tmp_path}/out.incomplete-" in err
+    assert "the partial output is removed (the source is untouched); free space" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dl"] and tree(src) == before

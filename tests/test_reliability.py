@@ -339,3 +339,164 @@ def test_run_folder_holds_its_settings_and_a_summary(tmp_path):
     assert float(rows[1]["eval_acc_combined"]) == pytest.approx(
         records[1]["test"]["acc_combined"], abs=1e-6)
     assert float(rows[1]["train_loss"]) == pytest.approx(records[1]["train_loss"], abs=1e-6)
+
+
+# --- full disks, read-only folders, and messages that name the right thing (#18) ---------------
+
+def _one_line(err):
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path, capsys,
+                                                                         monkeypatch):
+    import errno
+    import torch
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    real_save, saved = torch.save, []
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        if saved:  # the second checkpoint meets a full disk partway through
+            f.write(b"PK\x03\x04 the first bytes")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        saved.append(obj["epoch"])
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    assert _train(data, out, "--epochs=2", "--eval_every=1") == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"no space left on the device holding {out}" in err
+    assert f"while writing {out}" in err and "the previous last.pt is intact" in err
+    assert "free space, then continue the run with --resume" in err
+    monkeypatch.undo()
+    assert ckpt_io.load(out / "last.pt")["epoch"] == saved[0] == 1
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_full_disk_in_torch_save_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC (/dev/full), which torch.save reports as a RuntimeError without
+    an errno."""
+    import errno
+    import torch
+    from cmal.errors import DiskFullError, WriteError
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    target = tmp_path / "last.pt"
+    ckpt_io.save({"epoch": 1}, target)
+    before = target.read_bytes()
+    real_fdopen = os.fdopen
+
+    def full_disk(fd, *args, **kwargs):
+        os.close(fd)
+        return real_fdopen(os.open("/dev/full", os.O_WRONLY), *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", full_disk)
+    with pytest.raises(WriteError) as exc:
+        ckpt_io.save({"epoch": 2, "weights": torch.zeros(1 << 16)}, target)
+    monkeypatch.undo()
+    message = str(exc.value)
+    assert isinstance(exc.value, DiskFullError) and exc.value.__cause__ is None
+    assert message.startswith(f"no space left on the device holding {tmp_path}")
+    assert f"while writing {target}; the previous last.pt is intact" in message
+    assert target.read_bytes() == before and sorted(tmp_path.iterdir()) == [target]
+    # The quota spent is said as such.
+    monkeypatch.setattr(torch, "save", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))))
+    with pytest.raises(DiskFullError, match="the disk quota is exhausted"):
+        ckpt_io.save({}, target)
+
+
+def test_a_full_disk_anywhere_ends_in_one_line(capsys):
+    import errno
+    from cmal.errors import run_command
+
+    def body(filename):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    for filename, said in (("/tmp/x/curves.png", "while writing /tmp/x/curves.png"),
+                           (None, "a file the system did not name")):
+        assert run_command(body, filename) == 2
+        err = _one_line(capsys.readouterr().err)
+        assert "no space left" in err and said in err and "free space" in err
+    with pytest.raises(OSError):  # any other failure stays a bug's traceback
+        run_command(lambda: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+
+
+def test_test_only_in_a_read_only_folder_keeps_the_accuracies(run_dir, tmp_path, capsys,
+                                                              monkeypatch):
+    import errno
+    data = run_dir.parent / "data"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # as root, chmod would not stop the writes
+        if run_dir in (self, *self.parents):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert _train(data, run_dir, "--test_only") == 2
+    captured = capsys.readouterr()
+    assert "test concat" in captured.out and "top-5" in captured.out
+    err = _one_line(captured.err)
+    assert ("the accuracies above stand, but the evaluation report could not be written into "
+            f"{run_dir / 'best_evaluation'} (cannot write (Read-only file system))") in err
+    assert "link or copy" in err and "--test_only --resume=FOLDER/best.pt" in err
+    monkeypatch.undo()
+    assert not (run_dir / "best_evaluation").exists()
+    # The advice works: a link in a folder one can write to.
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "best.pt").symlink_to(run_dir / "best.pt")
+    assert _train(data, tmp_path / "elsewhere", "--test_only",
+                  f"--resume={tmp_path / 'eval' / 'best.pt'}") == 0
+    assert (tmp_path / "eval" / "best_evaluation" / "per_class.csv").exists()
+
+
+def test_resume_names_a_folder_and_test_only_its_default(run_dir, tmp_path, capsys):
+    data = run_dir.parent / "data"
+    assert _train(data, tmp_path / "new", f"--resume={run_dir}", "--epochs=3") == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"--resume={run_dir} is a folder; pass a checkpoint file, such as " in err
+    assert str(run_dir / "last.pt") in err
+    assert f"give --resume no value to continue {tmp_path / 'new' / 'last.pt'}" in err
+    assert "does not exist" not in err and "no such file" not in err
+    assert _train(data, tmp_path / "empty", "--test_only") == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"checkpoint {tmp_path / 'empty' / 'best.pt'} does not exist" in err
+    assert "--test_only evaluates --output_dir's best.pt" in err
+
+
+def test_a_pickle_that_would_run_code_is_called_so_at_every_protocol(tmp_path, capsys):
+    import pickle
+    import torch
+    data = make_image_folder(tmp_path / "data")
+    for protocol in (2, 4, 5):  # pickle.dump writes 4 or 5; the safe loader stops before GLOBAL
+        evil = tmp_path / f"evil{protocol}.pt"
+        evil.write_bytes(pickle.dumps({"format": ckpt_io.FORMAT,
+                                       "payload": _RunsCode(tmp_path / "pwned")},
+                                      protocol=protocol))
+        assert _train(data, tmp_path / "out", f"--resume={evil}") == 2
+        err = _one_line(capsys.readouterr().err)
+        assert "could run arbitrary code" in err and "posix.system" in err, protocol
+        assert "truncated" not in err
+    assert not (tmp_path / "pwned").exists()
+    # A whole pickle of plain tensors at a protocol torch's safe loader does not read is said as
+    # such, and a truncated file is still truncated.
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2)}, plain, pickle_protocol=4)
+    assert _train(data, tmp_path / "out", f"--resume={plain}") == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "safe loader cannot read" in err and "default protocol" in err
+    assert "truncated" not in err and "arbitrary code" not in err
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(pickle.dumps({"payload": list(range(100))}, protocol=4)[:40])
+    assert _train(data, tmp_path / "out", f"--resume={cut}") == 2
+    assert "truncated or corrupt" in _one_line(capsys.readouterr().err)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

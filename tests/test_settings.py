@@ -210,3 +210,59 @@ def test_test_only_reports_beyond_the_paper_and_writes_a_confusion_matrix(tmp_pa
     assert _bare(data, out, "--test_only", f"--resume={out / 'last.pt'}") == 2
     assert "already holds an evaluation report" in capsys.readouterr().err
     assert _bare(data, out, "--test_only", f"--resume={out / 'last.pt'}", "--overwrite") == 0
+
+
+# ---- bad numbers, empty values and recording settings on resume (#18) ---------------------------
+@pytest.mark.parametrize("bad, said", [
+    ("--threads=-1", "--threads cannot be negative, got -1"),
+    ("--crop_padding=-3", "--crop_padding cannot be negative"),
+    ("--head_mid=0", "--head_mid must be positive"),
+    ("--head_features=-1", "--head_features must be positive"),
+    ("--head_hidden=0", "--head_hidden must be positive"),
+    ("--width_factor=0.01", "--width_factor must be at least 1/64"),
+    ("--width_factor=nan", "--width_factor must be a finite number"),
+    ("--lr=nan", "--lr must be a finite number"),
+    ("--backbone_lr=inf", "--backbone_lr must be a finite number"),
+    ("--momentum=1", "--momentum must be below 1"),
+    ("--seed=99999999999999999999", "--seed must fit in 64 bits"),
+    ("--tta_flip", "--tta_flip scores mirror images when evaluating a checkpoint"),
+])
+def test_bad_numbers_are_refused_naming_the_setting(bad, said, capsys):
+    with pytest.raises(SystemExit) as exc:
+        settings.parse({"data_path": "d"}, [bad])
+    assert exc.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_an_empty_setting_is_shown_quoted():
+    trained = Settings(data_path="d", weights="").to_dict()
+    script = Settings(data_path="d", weights="in21k")  # a dataset script's default
+    _, notes = settings.from_checkpoint_for(script, trained, set(), "last.pt")
+    assert "weights=''" in notes
+    with pytest.raises(settings.SettingsError, match=r"--weights=in21k \(it was trained with ''\)"):
+        settings.from_checkpoint_for(script, trained, {"weights"}, "last.pt")
+
+
+def test_tensorboard_can_be_turned_on_or_off_when_resuming():
+    without = Settings(data_path="d").to_dict()
+    cfg, _ = settings.from_checkpoint_for(Settings(data_path="d", tensorboard=True), without,
+                                          {"tensorboard"}, "last.pt")
+    assert cfg.tensorboard
+    # Not given: the checkpoint's choice is kept, as for every setting it decides.
+    with_tb = Settings(data_path="d", tensorboard=True).to_dict()
+    cfg, _ = settings.from_checkpoint_for(Settings(data_path="d"), with_tb, set(), "last.pt")
+    assert cfg.tensorboard
+    cfg, _ = settings.from_checkpoint_for(Settings(data_path="d"), with_tb, {"tensorboard"},
+                                          "last.pt")
+    assert not cfg.tensorboard
+
+
+def test_a_resumed_run_records_tensorboard_from_where_it_resumes(tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="tensorboard is in requirements.txt; make setup installs it")
+    data, out = _tiny_run(tmp_path)
+    assert _bare(data, out, "--resume", "--extend", "--epochs=2", "--tensorboard") == 0
+    logs = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    logs.Reload()
+    assert [e.step for e in logs.Scalars("test/acc_combined")] == [2]

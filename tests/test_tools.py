@@ -234,3 +234,28 @@ def test_help(tool, text, capsys):
         tool.main(["--help"])
     assert exc.value.code == 0
     assert text in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("tool", [predict, attention])
+def test_errors_suggest_only_options_the_tool_has(tool, run_dir, data_dir, tmp_path, capsys):
+    image = str(images_of(data_dir)[0])  # 40 x 40 pixels
+    extra = ["--device=cpu"] + ([f"--out={tmp_path / 'o'}"] if tool is attention else [])
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    own = set(re.findall(r"--\w+", capsys.readouterr().out))
+    weights = tmp_path / "weights.pt"  # TResNet weights, say, where a checkpoint belongs
+    torch.save({"model": {"body.conv1.weight": torch.zeros(1)}}, weights)
+    said = []
+    for args, expected in (([str(weights), image], "not a CMAL-Net training checkpoint"),
+                           ([str(run_dir), image], f"is a folder; pass a checkpoint file, such "
+                                                   f"as {run_dir / 'last.pt'}"),
+                           ([str(run_dir / "last.pt"), image, "--max_image_pixels=1000"],
+                            "1,600 pixels, more than --max_image_pixels=1,000")):
+        assert tool.main(extra + args) == 2, args
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+        said += re.findall(r"--\w+", err)
+    assert said and set(said) <= own, set(said) - own
+    # The option the message names does what it says.
+    assert tool.main(extra + [str(run_dir / "last.pt"), image, "--max_image_pixels=1600",
+                              "--overwrite"]) == 0

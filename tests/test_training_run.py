@@ -142,12 +142,12 @@ def test_bad_checkpoints_give_clear_errors_and_change_nothing(image_folder, tmp_
     assert train.main({"data_path": str(four), "num_classes": 4, "output_dir": str(tmp_path / "o4")},
                       TINY_ARGS + ["--epochs=1"]) == 0
     cases = [
-        (f"--resume={tmp_path / 'missing.pt'}", "no such file"),
+        (f"--resume={tmp_path / 'missing.pt'}", "does not exist"),
         (f"--resume={tmp_path / 'truncated.pt'}", "truncated or corrupt"),
         (f"--resume={tmp_path / 'foreign.pt'}", "not a CMAL-Net training checkpoint"),
         (f"--resume={tmp_path / 'evil.pt'}", "could run arbitrary code"),
         # Its 4 classes come with its settings, and the 3 class folders here do not match.
-        (f"--resume={tmp_path / 'o4' / 'last.pt'}", r"has 3 class folders but num_classes is 4"),
+        (f"--resume={tmp_path / 'o4' / 'last.pt'}", "trained on other classes than this data_path"),
     ]
     for arg, message in cases:
         assert run(image_folder, out, "--epochs=2", "--extend", arg) == 2, arg
@@ -182,6 +182,9 @@ def test_non_finite_loss_stops_without_touching_checkpoints(image_folder, tmp_pa
                       args + ["--epochs=3", "--extend", "--resume", "--save_every=1"]) == 2
     err = capsys.readouterr().err
     assert "non-finite training loss at epoch 2, batch 1" in err and "no checkpoint was written" in err
+    # A resumed run keeps its learning rate (--lr would contradict the checkpoint), and there is
+    # no fp16 here to move away from.
+    assert "Start a new run with a lower --lr" in err and "--amp" not in err
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ckpt_io.SETTINGS_FILE}
     assert after == before
 

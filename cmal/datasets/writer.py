@@ -15,6 +15,7 @@ from PIL import Image, JpegImagePlugin
 
 from cmal.datasets.boxes import BOXES_FILE, box_problem, clip_box, write_boxes
 from cmal.datasets.records import Blob, PrepareError, some
+from cmal.errors import disk_full_cause, write_error
 
 AIRCRAFT_BANNER = 20  # pixel rows of copyright text at the bottom of every FGVC-Aircraft image
 
@@ -138,7 +139,15 @@ def place(item, root, crop, links_allowed):
     # Unreadable image (Pillow raises OSError, SyntaxError or ValueError), full disk...: name
     # the file at fault.
     except (OSError, SyntaxError, ValueError) as exc:
+        if disk_full_cause(exc):
+            raise unfinished(dest, disk_full_cause(exc)) from None
         raise PrepareError(f"cannot write {item.source} to {dest}: {exc}") from None
+
+
+def unfinished(path, cause):
+    """The error of a full disk met writing `path` below the output being built (which build
+    then removes)."""
+    return write_error(path, cause, "the partial output is removed (the source is untouched)")
 
 
 def write_items(items, root, crop, links_allowed, workers):
@@ -175,7 +184,12 @@ def build(items, out, crop, links_allowed, workers):
     try:
         how, boxes = write_items(items, partial, crop, links_allowed, workers)
         if boxes:
-            write_boxes(partial / BOXES_FILE, boxes)
+            try:
+                write_boxes(partial / BOXES_FILE, boxes)
+            except OSError as exc:
+                if disk_full_cause(exc) is None:
+                    raise
+                raise unfinished(partial / BOXES_FILE, disk_full_cause(exc)) from None
         if out.exists():
             out.rmdir()  # empty, as checked before
         partial.rename(out)

@@ -172,7 +172,7 @@ def run(args):
     device = pick_device(args.device)
     found = find_images(args.images)
     paths = spread(found, args.max_images)
-    model, classes, cfg = load_model(args.checkpoint, device)
+    model, classes, cfg = load_model(args.checkpoint, device, args.max_image_pixels)
     if cfg.method == "baseline":
         raise ToolError(f"{args.checkpoint} holds the plain fine-tuning baseline "
                         "(--method=baseline): one head on global average pooling, no experts and "

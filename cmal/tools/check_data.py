@@ -5,7 +5,8 @@
 Checks the train/test class-folder layout, then decodes every image as training would. Prints
 each problem with the file at fault, every entry the scan skips (links that leave their class
 folder, link loops, files reached twice, FIFOs and other non-regular files), and a summary.
-Exit status 1 when training would stop (layout problems or unreadable images), 0 otherwise.
+Exit status 1 when training would stop (layout problems or unreadable images) or class folders
+differ only in case (one folder on a case-insensitive filesystem), 0 otherwise.
 """
 import argparse
 import sys
@@ -42,6 +43,8 @@ def run(argv=None):
     layout = Layout(args.data_path, args.num_classes)
     for problem in layout.problems:
         print(f"LAYOUT  {problem}")
+    for warning in layout.warnings:
+        print(f"CASE    {warning}")
     for path in layout.ignored:
         print(f"IGNORED {path}: not an image file (by extension); training skips it")
     for path, why in layout.skipped:
@@ -58,11 +61,12 @@ def run(argv=None):
                 small += 1
     print(f"{args.data_path}: {len(layout.classes)} classes, "
           + ", ".join(f"{len(v)} {k} images" for k, v in layout.samples.items())
-          + f"; {len(layout.problems)} layout problems, {bad} unreadable images, "
+          + f"; {len(layout.problems)} layout problems, {len(layout.warnings)} groups of "
+          f"class names equal but for case, {bad} unreadable images, "
           f"{len(layout.ignored)} ignored files, {len(layout.skipped)} skipped entries (links, "
           f"duplicates, non-regular files), {small} images smaller than {args.image_size} px "
           "(upsampled by the resize, which is fine)")
-    if layout.problems or bad:
+    if layout.problems or layout.warnings or bad:
         print("Fix the lines above (or train with --skip_bad_images to skip unreadable images).")
         return 1
     print("OK")

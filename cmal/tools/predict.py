@@ -58,7 +58,7 @@ def run(args):
     paths = find_images(args.images)
     if args.csv:
         check_output(args.csv, [args.checkpoint, *paths], args.overwrite, "--csv")
-    model, classes, cfg = load_model(args.checkpoint, device)
+    model, classes, cfg = load_model(args.checkpoint, device, args.max_image_pixels)
     topk = min(args.topk, len(classes))
     out = None
     if args.csv:

@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,18 +152,95 @@ def read_checkpoint(path):
         raise WeightsError(f"{path} is not a PyTorch file (neither the zip archive torch.save "
                            "writes nor a pickle); pass a .pt/.pth file written by torch.save")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "GLOBAL" in str(exc):  # the safe unpickler met a class or function it will not run
-            raise WeightsError(
-                f"{path} holds Python objects other than tensors and plain containers; it is refused "
-                "because unpickling it could run arbitrary code. Re-save its state_dict with "
-                "torch.save(model.state_dict(), ...) from a trusted environment.") from None
-        raise WeightsError(f"{path} is not a readable PyTorch file ({exc}); it may be truncated or "
-                           "corrupt: download or copy it again") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise WeightsError(f"{path} is not a readable PyTorch file ({exc}); it may be truncated or "
-                           "corrupt: download or copy it again") from None
+        with warnings.catch_warnings():  # the error below says what a protocol warning would
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            OSError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path, exc):
+    """Why torch's safe loader refused `path`: it would run code, it is a whole pickle in a form
+    the safe loader does not read, or it is truncated or corrupt."""
+    imports, complete = pickle_imports(path)
+    code = [name for name in imports if not _plain_data(name)]
+    # The safe unpickler names a class or function it will not run (GLOBAL); it stops earlier,
+    # at an opcode it does not know, on pickles of protocol 4 and above.
+    if code or "GLOBAL" in str(exc):
+        return WeightsError(
+            f"{path} holds Python objects other than tensors and plain containers"
+            + (f" ({_listing(code)})" if code else "") + "; it is refused because unpickling it "
+            "could run arbitrary code. Re-save its state_dict with "
+            "torch.save(model.state_dict(), ...) from a trusted environment.")
+    if complete and isinstance(exc, pickle.UnpicklingError):
+        return WeightsError(
+            f"{path} is a complete pickle of tensors that torch's safe loader cannot read "
+            f"({_reason(exc)}), as pickle.dump or torch.save(..., pickle_protocol=4) write; "
+            "re-save it with torch.save(obj, path) at its default protocol")
+    return WeightsError(f"{path} is not a readable PyTorch file ({_reason(exc)}); it may be "
+                        "truncated or corrupt: download or copy it again")
+
+
+def _reason(exc):
+    """The line of a loader's message that says what failed (torch's run to many lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "Unsupported" in line or "GLOBAL" in line),
+                lines[0] if lines else type(exc).__name__)
+
+
+# What torch.save's pickles name besides tensors' own rebuilders: nothing that runs code.
+_PLAIN_BUILTINS = {"set", "frozenset", "bytearray", "complex", "slice", "range"}
+
+
+def _plain_data(name):
+    module, _, attr = name.rpartition(".")
+    root = module.split(".")[0]
+    return root in ("torch", "collections", "_codecs") or \
+        (module in ("builtins", "__builtin__") and attr in _PLAIN_BUILTINS)
+
+
+def pickle_imports(path):
+    """(the module.name of every class or function the pickles of a torch file import, whether at
+    least one pickle is complete), read without running any of it: a zip archive's data.pkl, or
+    the pickles at the start of a legacy file. Names that cannot be made out are ''."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return [], False
+                with archive.open(name) as stream:
+                    return _scan_pickles(stream)
+        with open(path, "rb") as stream:
+            return _scan_pickles(stream)
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, RuntimeError):
+        return [], False
+
+
+def _scan_pickles(stream):
+    import pickletools
+    found, complete, memo, strings = [], False, {}, []
+    try:
+        while True:  # a legacy file holds several pickles, then raw tensor data
+            for op, arg, _ in pickletools.genops(stream):
+                name = op.name
+                if name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+                elif name == "STACK_GLOBAL":  # module and name are the last two strings pushed
+                    found.append(".".join(str(s) for s in strings[-2:] if s))
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = strings[-1] if strings else None
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    strings.append(memo.get(arg))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+            complete = True
+    except (ValueError, EOFError, UnicodeDecodeError, OverflowError, MemoryError):
+        pass  # the end of the pickles, or where the file is damaged
+    return found, complete
 
 
 def _looks_like_torch_file(path):
@@ -235,9 +313,11 @@ def _listing(keys):
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > _LIST_LIMIT else "")
 
 
-def check_compatible(model_state, state, source, ignore_prefixes=(), what=""):
+def check_compatible(model_state, state, source, ignore_prefixes=(), what="",
+                     fix="It is not a TResNet-L-V2 file of this configuration; check --weights."):
     """Raise WeightsError naming missing, unexpected and mis-shaped keys (outside ignore_prefixes);
-    `what`, when given, says first which network the file holds and which one was expected."""
+    `what`, when given, says first which network the file holds and which one was expected;
+    `fix` ends the message."""
     def kept(keys):
         return [k for k in keys if not k.startswith(tuple(ignore_prefixes))]
     missing = kept(k for k in model_state if k not in state)
@@ -252,7 +332,7 @@ def check_compatible(model_state, state, source, ignore_prefixes=(), what=""):
             parts.append(f"unexpected keys: {_listing(unexpected)}")
         if mis_shaped:
             parts.append(f"shape mismatches: {_listing(mis_shaped)}")
-        parts.append("It is not a TResNet-L-V2 file of this configuration; check --weights.")
+        parts.append(fix)
         raise WeightsError("; ".join(parts))
 
 
