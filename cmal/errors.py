@@ -49,6 +49,18 @@ def disk_full_cause(exc):
     return None
 
 
+def device_full(folder, margin=1 << 20):
+    """An ENOSPC OSError if the filesystem of `folder` has less than `margin` bytes free, else
+    None: what torch's own file writers leave to tell a full disk by (their RuntimeError holds
+    no errno)."""
+    import shutil
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if free < margin else None
+
+
 def write_error(path, cause, outcome, advice=None):
     """The WriteError of an OSError `cause` met writing `path` (None: not known): DiskFullError
     naming the filesystem where the disk is full, else the system's reason."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from cmal.engine import combined_scores, single_head
-from cmal.errors import UserError
+from cmal.errors import UserError, device_full, disk_full_cause, write_error
 from cmal.model import unwrap
 
 FORMATS = ("export", "torchscript", "onnx")
@@ -267,6 +267,9 @@ def export_formats(predictor, image_size, formats, out_dir, check_batch=3, toler
                                                                 example_images(image_size))
                     info["opset"] = export_onnx(cpu_program, tmp, predictor.output_names)
             except Exception as exc:
+                full = disk_full_cause(exc) or device_full(out_dir)
+                if full is not None:  # not the format's fault: the files do not fit
+                    raise write_error(final, full, f"nothing was written to {out_dir}") from None
                 raise ExportError(f"--format={fmt}: exporting the network failed "
                                   f"({type(exc).__name__}: {_first_line(exc)}); leave {fmt} out "
                                   "of --format to write the other formats") from exc

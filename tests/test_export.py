@@ -255,3 +255,24 @@ def test_baseline_exports_its_one_head(run_dir, tmp_path):
         got = export.load_exported(exported / export.FILE_NAMES[fmt], fmt)(images)
         assert len(got) == 1
         assert (got[0] - want).abs().max() <= TOLERANCE, fmt
+
+
+def test_a_full_disk_is_named_not_blamed_on_the_format(run_dir, tmp_path, capsys, monkeypatch):
+    """torch's writers report a full disk as a RuntimeError without an errno: the free space of
+    the folder tells it."""
+    import collections
+    import shutil
+
+    def full_disk(program, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(export, "save_program", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: collections.namedtuple(
+        "usage", "total used free")(1 << 30, 1 << 30, 4096))
+    out = tmp_path / "out"
+    assert export_tool.main([str(run_dir / "best.pt"), str(out), "--format=export"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the tool's progress lines
+    assert err.startswith("error: ") and f"while writing {out / 'model.pt2'};" in err
+    assert f"no space left on the device holding {out}" in err and "free space" in err
+    assert f"nothing was written to {out}" in err and "leave export out" not in err
+    assert list(out.iterdir()) == []
