@@ -5,6 +5,7 @@ leaves either the old or the new file, never a broken one. The logs are rewritte
 history held in the checkpoint, so after a resume each epoch appears in them exactly once.
 """
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from cmal.errors import UserError, WriteError, disk_full_cause, write_error
-from cmal.tresnet.weights import WeightsError, check_compatible, read_checkpoint
+from cmal.tresnet.weights import NotTorchFileError, WeightsError, check_compatible, read_checkpoint
 
 FORMAT = "cmal-checkpoint-1"
 TRAIN_LOG = "results_train.txt"
@@ -62,8 +63,10 @@ def prepare_output_dir(out_dir):
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        fix = "free space on its device" if disk_full_cause(exc) else "make it writable"
-        raise OutputDirError(f"cannot write into --output_dir={out} ({exc.strerror}); {fix}, or "
+        fix = ("free space on its device, or " if disk_full_cause(exc) else
+               "make it writable, or " if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+               else "")
+        raise OutputDirError(f"cannot write into --output_dir={out} ({exc.strerror}); {fix}"
                              "choose another --output_dir") from None
     return created
 
@@ -260,6 +263,10 @@ def load(path, option=None, hint=""):
         raise not_a_file(path, option)
     try:
         ckpt = read_checkpoint(path)
+    except NotTorchFileError:
+        raise CheckpointError(f"{path} is not a PyTorch file (neither the zip archive torch.save "
+                              "writes nor a pickle); pass the last.pt or best.pt that a training "
+                              "run wrote") from None
     except WeightsError as exc:
         raise CheckpointError(str(exc)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

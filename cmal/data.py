@@ -130,7 +130,8 @@ def allow_images_up_to(max_pixels):
 
 
 def class_folders(split_dir):
-    return sorted(e.name for e in os.scandir(split_dir) if _is_folder(e) and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(split_dir)
+                  if _is_folder(e) and not e.name.startswith("."))
 
 
 def _is_folder(entry):
@@ -250,6 +251,11 @@ class Layout:
             self.problems.append(f"data path {root} does not exist or is not a folder; set "
                                  f"data_path in the script's settings or pass --data_path=... "
                                  f"({layout})")
+            return
+        if root.name in (*SPLITS, VAL_SPLIT) and not any((root / s).is_dir() for s in SPLITS) \
+                and all((root.parent / s).is_dir() for s in SPLITS):
+            self.problems.append(f"data path {root} is the '{root.name}' folder of a dataset, "
+                                 f"not the dataset: pass --data_path={root.parent} ({layout})")
             return
         names = {}
         for split in SPLITS:

@@ -52,6 +52,9 @@ def check_output(path, inputs, overwrite, option):
     path = Path(path)
     if not path.exists():
         return
+    if path.is_dir():  # --overwrite would not help: a folder is not replaced by a file
+        raise ToolError(f"{path} (from {option}) is a folder, which the file this command "
+                        f"writes cannot replace, even with --overwrite; choose another {option}")
     for source in inputs:
         if Path(source).exists() and os.path.samefile(path, source):
             raise ToolError(f"{path} (from {option}) is {source}, one of this command's "

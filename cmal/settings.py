@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -251,9 +252,10 @@ def given_on_command_line(argv):
 
 def from_checkpoint_for(cfg, saved, given, path, evaluation=False):
     """`cfg` with the settings a checkpoint decides: all but CHANGEABLE_ON_RESUME (and RECORDING
-    settings given on the command line) when resuming, EVALUATED_AS_TRAINED when evaluating. A command-line value that contradicts the checkpoint
-    is refused naming both; a default or script value is replaced, and named in the returned
-    notes. --epochs may grow with --extend once the run is finished."""
+    settings given on the command line) when resuming, EVALUATED_AS_TRAINED when evaluating. A
+    command-line value that contradicts the checkpoint is refused naming both; a default or
+    script value is replaced, and named in the returned notes. --epochs may grow with --extend
+    once the run is finished."""
     saved = Settings.from_checkpoint(saved)
     decided = EVALUATED_AS_TRAINED if evaluation else set(NAMES) - CHANGEABLE_ON_RESUME
     if not evaluation:
@@ -348,6 +350,11 @@ def from_script(script_globals):
     return block
 
 
+def _inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def validate(cfg):
     """What is wrong with a set of settings, one message per problem naming the option."""
     problems = []
@@ -395,6 +402,17 @@ def validate(cfg):
         if getattr(cfg, name) not in choices:
             problems.append(f"--{name} must be one of {', '.join(choices)}, got "
                             f"{getattr(cfg, name)!r}")
+    for name in ("data_path", "output_dir", "resume", "weights"):
+        value = getattr(cfg, name) or ""
+        if value.startswith("~"):
+            problems.append(f"--{name}={value} starts with ~, which the shell does not expand "
+                            f"after '=': write --{name} {value} (with a space) or use $HOME")
+    split = next((s for s in ("train", "test", "val") if cfg.data_path and
+                  _inside(cfg.output_dir, os.path.join(cfg.data_path, s))), None)
+    if split:
+        problems.append(f"--output_dir={cfg.output_dir} lies inside the {split} split of "
+                        f"--data_path={cfg.data_path}, where its pictures would be read as "
+                        "images of a class; choose a folder outside the splits")
     if cfg.tta_flip and not cfg.test_only:
         problems.append("--tta_flip scores mirror images when evaluating a checkpoint "
                         "(--test_only); a training run does not use it: leave it out")

@@ -258,3 +258,11 @@ def test_a_hold_out_too_large_counts_the_images_found(tmp_path, capsys):
     assert (f"{root}/train has 24 images, of which --val_split=0.9 holds out 21 for validation: "
             "3 left to train on, fewer than one batch of 4; lower --val_split or --batch_size"
             ) in err
+
+
+def test_a_split_folder_given_as_the_data_path_points_at_its_parent(tmp_path):
+    root = make_image_folder(tmp_path / "d")
+    with pytest.raises(DatasetError) as exc:
+        check_layout(root / "train")
+    assert f"is the 'train' folder of a dataset, not the dataset: pass --data_path={root}" in \
+        str(exc.value) and "has no 'test' folder" not in str(exc.value)

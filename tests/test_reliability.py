@@ -171,6 +171,8 @@ def test_bad_output_dir_stops_before_the_data_scan(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--output_dir" in err and str(out) in err
     assert len(err.strip().splitlines()) == 1 and not scanned
+    if where == "unwritable":  # /proc/...: no such folder can be made, writable or not
+        assert "make it writable" not in err and "choose another --output_dir" in err
 
 
 def test_negative_settings_are_refused(capsys):
@@ -311,6 +313,8 @@ def test_random_bytes_are_not_called_code(tmp_path, capsys):
     assert _train(data, tmp_path / "out", f"--resume={junk}") == 2
     err = capsys.readouterr().err
     assert "is not a PyTorch file" in err and "arbitrary code" not in err
+    # --resume takes a training checkpoint, not any file torch.save wrote.
+    assert "pass the last.pt or best.pt that a training run wrote" in err
 
 
 def test_run_files_follow_the_umask(tmp_path):

@@ -266,3 +266,20 @@ def test_a_resumed_run_records_tensorboard_from_where_it_resumes(tmp_path):
     logs = event_accumulator.EventAccumulator(str(out / "tensorboard"))
     logs.Reload()
     assert [e.step for e in logs.Scalars("test/acc_combined")] == [2]
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--data_path=~/data"], "--data_path=~/data starts with ~, which the shell does not expand"),
+    (["--output_dir=~/runs/a"], "write --output_dir ~/runs/a (with a space)"),
+    (["--output_dir=d/train/run"], "--output_dir=d/train/run lies inside the train split of "
+                                   "--data_path=d"),
+    (["--output_dir=d/test"], "--output_dir=d/test lies inside the test split"),
+])
+def test_paths_a_shell_or_a_typo_makes_wrong_are_refused(argv, said, capsys):
+    with pytest.raises(SystemExit) as exc:
+        settings.parse({"data_path": "d"}, argv)
+    assert exc.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_an_output_dir_beside_the_splits_is_fine():
+    assert settings.parse({"data_path": "d"}, ["--output_dir=d/runs/a"]).output_dir == "d/runs/a"

@@ -259,3 +259,13 @@ def test_errors_suggest_only_options_the_tool_has(tool, run_dir, data_dir, tmp_p
     # The option the message names does what it says.
     assert tool.main(extra + [str(run_dir / "last.pt"), image, "--max_image_pixels=1600",
                               "--overwrite"]) == 0
+
+
+def test_an_output_that_is_a_folder_is_not_offered_overwrite(run_dir, data_dir, tmp_path, capsys):
+    image = str(images_of(data_dir)[0])
+    for overwrite in ([], ["--overwrite"]):
+        assert predict.main([str(run_dir / "last.pt"), image, f"--csv={tmp_path}",
+                             "--device=cpu", *overwrite]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path} (from --csv) is a folder" in err and "choose another --csv" in err
+        assert "pass --overwrite" not in err

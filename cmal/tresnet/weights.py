@@ -52,6 +52,10 @@ class WeightsError(UserError, RuntimeError):
     """A weight file that cannot be used: missing, unreadable, unsafe or of another architecture."""
 
 
+class NotTorchFileError(WeightsError):
+    """A file that is no PyTorch file at all (a log, a picture, an empty file)."""
+
+
 class DownloadError(WeightsError):
     """A URL that could not be fetched; `reason` says why in a few words (HTTP 403 Forbidden)."""
 
@@ -149,8 +153,9 @@ def read_checkpoint(path):
     if not path.is_file():
         raise WeightsError(f"weight file {path} does not exist; check the path (or pass a URL)")
     if not _looks_like_torch_file(path):
-        raise WeightsError(f"{path} is not a PyTorch file (neither the zip archive torch.save "
-                           "writes nor a pickle); pass a .pt/.pth file written by torch.save")
+        raise NotTorchFileError(f"{path} is not a PyTorch file (neither the zip archive "
+                                "torch.save writes nor a pickle); pass a .pt/.pth file written "
+                                "by torch.save")
     try:
         with warnings.catch_warnings():  # the error below says what a protocol warning would
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
