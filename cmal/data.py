@@ -512,7 +512,8 @@ def relative_path(path, root):
 
 
 def _rank(seed, name):
-    return hashlib.sha256(f"{seed}/{name}".encode()).digest(), name
+    # surrogateescape: a file name that is not UTF-8 (Linux allows any bytes) ranks by its bytes
+    return hashlib.sha256(f"{seed}/{name}".encode("utf-8", "surrogateescape")).digest(), name
 
 
 def holdout_record(held, root, method):

@@ -185,8 +185,7 @@ def run(cfg, given=frozenset()):
                                 pin_memory=device.type == "cuda",
                                 holdout_method=holdout_method_of(resumed))
         try:
-            if resumed is not None:
-                check_holdout(cfg, resumed, loaders.holdout, path)
+            check_holdout(cfg, resumed, loaders.holdout, path)
             return _run(cfg, device, path, ck, loaders)
         finally:
             shutdown_workers(*(loader for loader in (loaders.train, loaders.test, loaders.val)
@@ -200,7 +199,10 @@ def check_holdout(cfg, ck, holdout, path):
     """A resumed run validates on the images its checkpoint held out: one whose hold-out would
     differ (images of train added, removed or renamed) stops, saying how many moved, unless
     --accept_new_holdout."""
-    if holdout is None:
+    if ck is None or holdout is None:
+        if cfg.accept_new_holdout:
+            log("note: --accept_new_holdout changes nothing here: it lets a run resumed with "
+                "--val_split=F continue on another hold-out than its checkpoint recorded")
         return
     if not ck.get("holdout"):
         log(f"note: {path} does not record its validation hold-out (it predates the record): it "

@@ -12,7 +12,8 @@ import torch
 from cmal import checkpoint as ckpt_io
 from cmal import settings
 from cmal import train
-from cmal.data import HOLDOUT_PERMUTATION, VAL_SPLIT, check_layout, hold_out, mix_seed
+from cmal.data import (HOLDOUT_PERMUTATION, VAL_SPLIT, check_layout, hold_out, holdout_record,
+                       mix_seed)
 from tests.conftest import TINY_ARGS, make_image_folder
 
 
@@ -99,6 +100,19 @@ def test_hold_out_does_not_depend_on_the_order_files_are_listed_in():
         [p.replace("/d/", "/elsewhere/data/") for p, _ in held]
 
 
+def test_hold_out_of_file_names_that_are_not_utf8(tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 is ranked by its bytes and recorded
+    in a checkpoint as it is."""
+    import os
+    names = ["a.jpg", os.fsdecode(b"caf\xe9.jpg"), "b.jpg", "c.jpg"]
+    samples = [(f"/d/train/c0/{n}", 0) for n in names]
+    held = hold_out(samples, 0.5, 0, root="/d/train")[1]
+    record = holdout_record(held, "/d/train", "ranked")
+    ckpt_io.save({"holdout": record}, tmp_path / "x.pt")
+    assert torch.load(tmp_path / "x.pt", weights_only=True)["holdout"] == record
+    assert len(record["held"]) == 2
+
+
 def test_the_permutation_draw_is_the_one_earlier_runs_made():
     """Checkpoints that record no hold-out were trained on this draw: a resumed one keeps it."""
     samples = _class_samples([8, 3, 11])
@@ -120,7 +134,10 @@ def _files(out):
 def test_a_resume_whose_hold_out_changed_stops_unless_accepted(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"
-    assert _train(data, out, "--epochs=1", "--eval_every=1", "--val_split=0.25") == 0
+    # Given to a new run, where it changes nothing, it says so; no later resume inherits it.
+    assert _train(data, out, "--epochs=1", "--eval_every=1", "--val_split=0.25",
+                  "--accept_new_holdout") == 0
+    assert "--accept_new_holdout changes nothing here" in capsys.readouterr().out
     record = ckpt_io.load(out / "last.pt")["holdout"]
     assert record["method"] == "ranked" and len(record["held"]) == 6
     assert all((data / "train" / name).is_file() for name in record["held"])
