@@ -332,10 +332,19 @@ class TensorBoardLog:
     EVALUATED = ("acc_concat", "acc_com2", "acc_combined", "loss")
 
     def __init__(self, out_dir, state):
-        # On resume, events of epochs past the checkpoint (written before a crash) are dropped.
+        # On resume, the events of the checkpoint's last finished epoch (and of its final test)
+        # on are dropped and written again from its history: those past it were written before a
+        # crash, and the last one's may never have been written (a kill between the checkpoint
+        # and its events).
+        first = len(state.history) or None
+        if state.final_test:
+            first = min(first or state.epoch, final_test_step(state))
         self.writer = tensorboard_writer_class()(str(Path(out_dir) / TENSORBOARD_DIR),
-                                                 purge_step=state.epoch + 1 if state.epoch
-                                                 else None)
+                                                 purge_step=first)
+        for record in state.history[first - 1:] if first else ():
+            self.epoch(record)
+        if state.final_test:
+            self.scalars("final_test", state.final_test, final_test_step(state))
 
     def epoch(self, record):
         step = record["epoch"] + 1
@@ -360,14 +369,15 @@ class RunSaver:
     it, since refusing non-finite weights is a decision all of them take. `init`: what
     initialised the run's network (weights.load_backbone's record, RANDOM_INIT, or None for a run
     resumed from a checkpoint older than that record), kept in settings.json and every
-    checkpoint."""
+    checkpoint. `holdout`: with --val_split=F, the record of the images held out for
+    validation (data.holdout_record), kept in every checkpoint."""
 
     def __init__(self, out_dir, model, optimizer, scaler, settings, classes, writes=True,
-                 init=None):
+                 init=None, holdout=None):
         self.out_dir = Path(out_dir)
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.settings, self.classes, self.writes = settings, classes, writes
-        self.init = init
+        self.init, self.holdout = init, holdout
         self.tensorboard = None
 
     def start(self, state):
@@ -399,7 +409,7 @@ class RunSaver:
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 **{f.name: getattr(state, f.name) for f in fields(state)},
                 "settings": self.settings.to_dict(), "init": self.init, "classes": self.classes,
-                "rng": rng_state()}
+                "holdout": self.holdout, "rng": rng_state()}
         last = self.out_dir / "last.pt"
         try:
             save(ckpt, self.out_dir / ("best.pt" if best else "last.pt"))
@@ -427,9 +437,15 @@ class RunSaver:
             write_logs(self.out_dir, state)
             if self.tensorboard:
                 if tested:
-                    step = state.best_epoch + 1 if state.best_epoch is not None else state.epoch
-                    self.tensorboard.scalars("final_test", state.final_test, step)
+                    self.tensorboard.scalars("final_test", state.final_test,
+                                             final_test_step(state))
                 self.tensorboard.close()
+
+
+def final_test_step(state):
+    """The TensorBoard step of a run's final test: best.pt's epoch, or the last one's where
+    no epoch scored above 0 % on validation."""
+    return state.best_epoch + 1 if state.best_epoch is not None else state.epoch
 
 
 def mid_epoch(state, epoch, stats):

@@ -6,6 +6,7 @@ is thus the same whatever the number of workers or processes, and an interrupted
 resumed at any batch.
 """
 import errno
+import hashlib
 import os
 import re
 import signal
@@ -526,30 +527,84 @@ def _ignore_interrupts(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def hold_out(samples, fraction, seed):
-    """(train, val): `fraction` of each class's samples held out for validation, chosen by
-    `seed` (rounded, at least one, and at least one left for training); each keeps the order of
-    `samples`."""
-    labels = torch.tensor([target for _, target in samples])
-    generator = torch.Generator().manual_seed(mix_seed(seed, 0x7A1))
-    held = torch.zeros(len(samples), dtype=torch.bool)
-    for target in labels.unique().tolist():
-        members = (labels == target).nonzero().flatten()
-        if len(members) < 2:
-            raise DatasetError(f"the class of {samples[members[0]][0]} has one training image: "
+# How --val_split=F chooses its hold-out, recorded in the checkpoints. "ranked": each class's
+# files ranked by a hash of (seed, path); "permutation": one seeded generator drawing a
+# permutation per class in turn, as runs did before they recorded their hold-out (a resumed one
+# keeps it).
+HOLDOUT_RANKED, HOLDOUT_PERMUTATION = "ranked", "permutation"
+
+
+def hold_out(samples, fraction, seed, root=None, method=HOLDOUT_RANKED):
+    """(train, val): `fraction` of each class's samples held out for validation (rounded, at
+    least one, and at least one left for training); each keeps the order of `samples`.
+
+    Each class's choice depends only on its own files and the seed: every file is ranked by the
+    SHA-256 of the seed and its path relative to `root` (train/), and the first of its class
+    are held out. Adding, removing or renaming an image changes no other class's hold-out, the
+    order the files were listed in changes nothing, and neither does moving the dataset."""
+    members = {}
+    for index, (_, target) in enumerate(samples):
+        members.setdefault(target, []).append(index)
+    held = set()
+    draw = torch.Generator().manual_seed(mix_seed(seed, 0x7A1))  # "permutation" only
+    for target in sorted(members):
+        indices = members[target]
+        if len(indices) < 2:
+            raise DatasetError(f"the class of {samples[indices[0]][0]} has one training image: "
                                "--val_split needs two per class (one to train on, one to "
                                "validate); add images or use a val/ folder")
-        count = min(max(1, round(fraction * len(members))), len(members) - 1)
-        held[members[torch.randperm(len(members), generator=generator)[:count]]] = True
-    flags = held.tolist()
-    return ([s for s, h in zip(samples, flags) if not h], [s for s, h in zip(samples, flags) if h])
+        count = min(max(1, round(fraction * len(indices))), len(indices) - 1)
+        if method == HOLDOUT_PERMUTATION:
+            ranked = [indices[i] for i in torch.randperm(len(indices), generator=draw).tolist()]
+        else:
+            ranked = sorted(indices, key=lambda i: _rank(seed, relative_path(samples[i][0], root)))
+        held.update(ranked[:count])
+    return ([s for i, s in enumerate(samples) if i not in held],
+            [s for i, s in enumerate(samples) if i in held])
 
 
-def split_samples(cfg, samples):
+def relative_path(path, root):
+    """`path` below `root` with / separators, as hold-outs are ranked and recorded."""
+    return Path(path).relative_to(root).as_posix() if root is not None else Path(path).as_posix()
+
+
+def _rank(seed, name):
+    # surrogateescape: a file name that is not UTF-8 (Linux allows any bytes) ranks by its bytes
+    return hashlib.sha256(f"{seed}/{name}".encode("utf-8", "surrogateescape")).digest(), name
+
+
+def holdout_record(held, root, method):
+    """What a checkpoint records of a run's hold-out: how it was drawn, and the relative paths
+    of the held-out images, sorted."""
+    return {"method": method, "held": sorted(relative_path(path, root) for path, _ in held)}
+
+
+def holdout_method_of(checkpoint):
+    """How a run resumed from `checkpoint` (None: a new run) draws its hold-out: as recorded;
+    a checkpoint that records none was written by a run drawing "permutation"."""
+    if checkpoint is None:
+        return HOLDOUT_RANKED
+    record = checkpoint.get("holdout")
+    return record["method"] if record else HOLDOUT_PERMUTATION
+
+
+def holdout_change(saved, now):
+    """How the hold-out `now` differs from a checkpoint's record `saved`, in words, or None."""
+    gone, new = set(saved["held"]) - set(now["held"]), set(now["held"]) - set(saved["held"])
+    if not gone and not new:
+        return None
+    classes = sorted({name.split("/")[0] for name in gone | new})
+    return (f"held out then, not now: {len(gone)} of {len(saved['held'])} (removed, renamed, "
+            f"or to be trained on); held out now, not then: {len(new)} (added, or trained on "
+            f"until now); classes: {_some(classes)}")
+
+
+def split_samples(cfg, samples, holdout_method=HOLDOUT_RANKED):
     """The samples of each split this run uses: train and test, and with --val_split a
-    validation split (held out from train, or data_path/val/)."""
+    validation split (held out from train, or data_path/val/); and the hold-out's record
+    (holdout_record) or None."""
     from cmal.settings import val_fraction
-    splits = {"train": samples["train"], "test": samples["test"]}
+    splits, record = {"train": samples["train"], "test": samples["test"]}, None
     if cfg.val_split == "folder":
         if VAL_SPLIT not in samples:
             raise DatasetError(f"--val_split=folder but {cfg.data_path} has no '{VAL_SPLIT}' "
@@ -557,12 +612,14 @@ def split_samples(cfg, samples):
                                "part of train with --val_split=0.1")
         splits[VAL_SPLIT] = samples[VAL_SPLIT]
     elif val_fraction(cfg):
+        root = Path(cfg.data_path) / "train"
         splits["train"], splits[VAL_SPLIT] = hold_out(samples["train"], val_fraction(cfg),
-                                                      cfg.seed)
+                                                      cfg.seed, root, holdout_method)
+        record = holdout_record(splits[VAL_SPLIT], root, holdout_method)
     elif (Path(cfg.data_path) / VAL_SPLIT).is_dir():
         warnings.warn(f"{cfg.data_path}/{VAL_SPLIT} is not used: best.pt is chosen on test, as "
                       "the reference does; --val_split=folder chooses it on this folder")
-    return splits
+    return splits, record
 
 
 class Loaders(NamedTuple):
@@ -570,20 +627,22 @@ class Loaders(NamedTuple):
     test: DataLoader
     classes: list
     val: Optional[DataLoader] = None  # with --val_split
+    holdout: Optional[dict] = None  # with --val_split=F: holdout_record
 
 
-def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
-    """The loaders of cfg.data_path's splits, checked first, and the class names."""
+def build_loaders(cfg, rank=0, world_size=1, pin_memory=False, holdout_method=HOLDOUT_RANKED):
+    """The loaders of cfg.data_path's splits, checked first, the class names and the hold-out's
+    record (`holdout_method`: see holdout_method_of)."""
     classes, samples = check_layout(cfg.data_path, cfg.num_classes,
                                     with_val=cfg.val_split == "folder")
     allow_images_up_to(cfg.max_image_pixels)
+    splits, holdout = split_samples(cfg, samples, holdout_method)
     # Before training, so that an unreadable file stops the run in its first seconds and not at
     # its batch, or for the test split after a whole epoch.
     found = len(samples["train"])
-    split = split_samples(cfg, samples)
     samples = {name: check_images(listed, cfg.max_image_pixels, cfg.skip_bad_images, name,
                                   cfg.check_images)
-               for name, listed in split.items()}
+               for name, listed in splits.items()}
     if cfg.batch_size % world_size or cfg.batch_size // world_size < 2:
         raise DatasetError(f"batch_size={cfg.batch_size} must split into at least two samples "
                            f"for each of the {world_size} processes")
@@ -608,8 +667,8 @@ def build_loaders(cfg, rank=0, world_size=1, pin_memory=False):
                                  generator=torch.Generator().manual_seed(cfg.seed), **common)
                for split, dataset in evaluated.items()}
     if len(train) == 0:
-        raise _too_few_to_train(cfg, found, len(split["train"]), len(train_set))
-    return Loaders(train, ordered["test"], classes, ordered.get(VAL_SPLIT))
+        raise _too_few_to_train(cfg, found, len(splits["train"]), len(train_set))
+    return Loaders(train, ordered["test"], classes, ordered.get(VAL_SPLIT), holdout)
 
 
 def _too_few_to_train(cfg, found, after_hold_out, kept):

@@ -206,6 +206,11 @@ class Settings:
     extend: bool = _setting(
         False, parse_bool, "with --resume: continue a finished run to a larger --epochs (the "
                            "cosine schedule is stretched over the new total)", bare=True)
+    accept_new_holdout: bool = _setting(
+        False, parse_bool, "with --resume and --val_split=F: continue although the images held "
+                           "out for validation are not those the checkpoint recorded (images of "
+                           "train added, removed or renamed); without it such a resume stops",
+        bare=True)
 
     def to_dict(self):
         """Plain values (tuples as lists), as checkpoints store them."""
@@ -229,7 +234,7 @@ NAMES = tuple(f.name for f in dataclasses.fields(Settings))
 # loop SGD are the same arithmetic). Every other setting comes from the checkpoint.
 CHANGEABLE_ON_RESUME = frozenset({
     "data_path", "workers", "device", "progress", "threads", "resume", "test_only", "overwrite",
-    "extend", "tta_flip",
+    "extend", "tta_flip", "accept_new_holdout",
     "output_dir", "save_every", "check_images", "skip_bad_images", "max_image_pixels",
     "test_batch_size", "deterministic", "sgd", "compile"})
 # What a run records besides its checkpoints and logs: a resumed run keeps the checkpoint's

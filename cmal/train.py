@@ -24,12 +24,14 @@ from cmal import checkpoint as ckpt_io
 from cmal import distributed as dist
 from cmal import methods
 from cmal import settings
-from cmal.data import build_loaders, mix_seed, shutdown_workers
+from cmal.data import (DatasetError, build_loaders, holdout_change, holdout_method_of, mix_seed,
+                       shutdown_workers)
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
 from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command,
                          unnamed_disk_full)
 from cmal.model import build_from_settings, compile_network
-from cmal.optimizer import load_optimizer_state, make_optimizer, set_hyperparameters, zero_fill_grads
+from cmal.optimizer import (load_optimizer_state, make_optimizer, set_hyperparameters,
+                            set_learning_rates, zero_fill_grads)
 from cmal.tresnet import resolve_weights
 from cmal.tresnet.weights import init_lines
 
@@ -184,9 +186,12 @@ def run(cfg, given=frozenset()):
         # A checkpoint's classes are checked by name (check_classes), whose fix applies to it:
         # another --data_path, not another --num_classes.
         scanned = cfg if ck is None else replace(cfg, num_classes=None)
+        resumed = None if cfg.test_only else ck
         loaders = build_loaders(scanned, dist.rank(), dist.world_size(),
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda",
+                                holdout_method=holdout_method_of(resumed))
         try:
+            check_holdout(cfg, resumed, loaders.holdout, path)
             return _run(cfg, device, path, ck, loaders)
         finally:
             shutdown_workers(*(loader for loader in (loaders.train, loaders.test, loaders.val)
@@ -202,6 +207,33 @@ def load_checkpoint(path, cfg):
     hint = "" if cfg.test_only else (" (to start a new run from TResNet weights, pass them with "
                                      "--weights instead)")
     return ckpt_io.load(path, option, hint)
+
+
+def check_holdout(cfg, ck, holdout, path):
+    """A resumed run validates on the images its checkpoint held out: one whose hold-out would
+    differ (images of train added, removed or renamed) stops, saying how many moved, unless
+    --accept_new_holdout."""
+    if ck is None or holdout is None:
+        if cfg.accept_new_holdout:
+            log("note: --accept_new_holdout changes nothing here: it lets a run resumed with "
+                "--val_split=F continue on another hold-out than its checkpoint recorded")
+        return
+    if not ck.get("holdout"):
+        log(f"note: {path} does not record its validation hold-out (it predates the record): it "
+            "is drawn again as that run drew it, which cannot tell whether the images of "
+            f"{Path(cfg.data_path) / 'train'} are still those it was trained with")
+        return
+    change = holdout_change(ck["holdout"], holdout)
+    if change is None:
+        return
+    if not cfg.accept_new_holdout:
+        raise DatasetError(
+            f"--val_split={cfg.val_split} holds out other images of "
+            f"{Path(cfg.data_path) / 'train'} than {path} was trained with: {change}; put the "
+            "images back as they were, or pass --accept_new_holdout to validate on the new "
+            "hold-out from here on")
+    log(f"--accept_new_holdout: validating on the new hold-out from here on: {change} (the "
+        "best accuracy so far was measured on the old one)")
 
 
 def evaluated_path(cfg):
@@ -302,7 +334,8 @@ class Training:
         for line in init_lines(self.init):
             log(line)
         self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
-                                      classes, writes=dist.is_main(), init=self.init)
+                                      classes, writes=dist.is_main(), init=self.init,
+                                      holdout=loaders.holdout)
         best = Path(cfg.output_dir) / "best.pt"
         if self.validated() and self.state.best_epoch is not None and not best.exists():
             # The run's test is scored with best.pt at the end: it must be this folder's.
@@ -397,6 +430,9 @@ class Training:
             # Each epoch's crop choices depend on (seed, epoch) only, so that an epoch
             # restarted after a crash repeats exactly.
             torch.manual_seed(mix_seed(cfg.seed, epoch, 2))
+        # Every iteration sets these rates again; set here too, an epoch resumed with no batch
+        # left (stopped in its evaluation) would record and save the base rates of `restore`.
+        set_learning_rates(self.optimizer, epoch, cfg.epochs)
         per_rank_batch = cfg.batch_size // dist.world_size()
         self.train_loader.sampler.set_epoch(epoch, start=stats["position"] * per_rank_batch)
         t0 = time.time()

@@ -1,10 +1,12 @@
 """Interrupted runs lose nothing: SIGKILL at any moment, SIGINT and SIGTERM.
 
-Each case resumes with --resume and must end with the weights and logs of an uninterrupted
-run with the same seed."""
+Each case resumes with --resume and must end with the weights and every record (the logs, the
+checkpoint's history, TensorBoard's scalars) of an uninterrupted run with the same seed."""
+import importlib.util
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +18,13 @@ import torch
 
 from cmal import checkpoint as ckpt_io
 from tests.conftest import TINY_ARGS, make_image_folder
+from tests.run_records import assert_same_records
 
 pytestmark = pytest.mark.slow  # make test-fast leaves these out
 
 KILLER = Path(__file__).parent / "killer.py"
-RUN_ARGS = ["--num_classes=3", "--epochs=3", "--eval_every=1", "--save_every=2"] + TINY_ARGS
+RUN_ARGS = ["--num_classes=3", "--epochs=3", "--eval_every=1", "--save_every=2"] + TINY_ARGS + (
+    ["--tensorboard"] if importlib.util.find_spec("tensorboard") else [])
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -69,8 +73,7 @@ def assert_same_run(out, reference_out):
     assert a["epoch"] == b["epoch"] == 3
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for name in ("results_train.txt", "results_test.txt"):
-        assert (out / name).read_text() == (reference_out / name).read_text(), name
+    assert_same_records(out, reference_out)
     best_a, best_b = ckpt_io.load(out / "best.pt"), ckpt_io.load(reference_out / "best.pt")
     assert best_a["best_epoch"] == best_b["best_epoch"]
     for k in best_b["model"]:
@@ -96,8 +99,7 @@ def test_twenty_sigkills_in_a_row(reference, tmp_path):
             returncode = launch(data, out, kind, n, "--resume").returncode
         if returncode == 0:  # finished before the kill: start over to keep killing
             assert_same_run(out, reference_out)
-            for f in out.iterdir():
-                f.unlink()
+            shutil.rmtree(out)
             continue
         assert returncode == -signal.SIGKILL, returncode
         kills += 1
@@ -147,6 +149,30 @@ def test_sigterm_during_evaluation_keeps_the_epoch(reference, tmp_path):
     ck = ckpt_io.load(out / "last.pt")
     assert ck["epoch"] == 0 and ck["stats"]["position"] == 6  # the whole epoch's training
     assert not (out / "results_test.txt").read_text()
+    proc = launch(data, out, "none", 0, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(out, reference_out)
+
+
+# Writes of a process that starts afresh: settings.json and the four logs (5), then per epoch
+# last.pt at batches 2, 4 and 6 (--save_every=2), the epoch's checkpoint and its four logs: 17
+# is epoch 2's checkpoint, 18 the first log after it. Evaluation batches: 3 per epoch.
+@pytest.mark.parametrize("kind, n, epoch, position", [
+    ("step", 9, 1, 2),      # inside epoch 2
+    ("write", 17, 1, 6),    # in the write of epoch 2's checkpoint
+    ("write", 18, 2, None),  # at the end of epoch 2: its checkpoint written, not its logs
+    ("eval", 5, 1, 6),      # during epoch 2's evaluation
+    ("evalterm", 8, 2, 6),  # SIGTERM during epoch 3's evaluation
+])
+def test_a_run_stopped_anywhere_records_what_an_uninterrupted_one_does(reference, tmp_path, kind,
+                                                                      n, epoch, position):
+    data, reference_out = reference
+    out = tmp_path / kind
+    proc = launch(data, out, kind, n)
+    assert proc.returncode == (128 + signal.SIGTERM if kind == "evalterm" else -signal.SIGKILL)
+    ck = ckpt_io.load(out / "last.pt")
+    assert ck["epoch"] == epoch and (ck["stats"] and ck["stats"]["position"]) == position
+    check_disk(out)
     proc = launch(data, out, "none", 0, "--resume")
     assert proc.returncode == 0, proc.stderr
     assert_same_run(out, reference_out)

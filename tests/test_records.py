@@ -1,7 +1,10 @@
 """Model selection on a validation split, TensorBoard records, 1-based epochs in log.jsonl, and
 the tools agreeing with --test_only on what the model predicts."""
 import json
+import random
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +12,8 @@ import torch
 from cmal import checkpoint as ckpt_io
 from cmal import settings
 from cmal import train
-from cmal.data import VAL_SPLIT, check_layout, hold_out
+from cmal.data import (HOLDOUT_PERMUTATION, VAL_SPLIT, check_layout, hold_out, holdout_record,
+                       mix_seed)
 from tests.conftest import TINY_ARGS, make_image_folder
 
 
@@ -50,6 +54,139 @@ def test_hold_out_is_stratified_seeded_and_disjoint():
     assert any(hold_out(samples, 0.25, seed=s)[1] != held for s in range(1, 5))
     # Never the whole class: one image is left to train on.
     assert sum(1 for _, t in hold_out(samples, 0.9, seed=0)[0] if t == 0) == 1
+
+
+def _held_by_class(samples, seed=0, fraction=0.25):
+    held = hold_out(samples, fraction, seed, root="/d/train")[1]
+    return {c: {p for p, t in held if t == c} for c in {t for _, t in samples}}
+
+
+def _class_samples(counts):
+    return [(f"/d/train/c{c}/{i:03d}.jpg", c) for c, n in enumerate(counts) for i in range(n)]
+
+
+def test_each_class_hold_out_depends_only_on_its_own_images():
+    """An image added to, removed from or renamed in one class moves no other class's
+    validation images; in its own class the old images held out stay a prefix of one ranking,
+    so only the new image, and at most one other, changes sides."""
+    samples = _class_samples([20, 13, 17, 9])
+    before = _held_by_class(samples)
+    for c in range(4):
+        for seed in range(5):
+            before = _held_by_class(samples, seed)
+            added = samples + [(f"/d/train/c{c}/new_{seed}.jpg", c)]
+            removed = [s for s in samples if s[0] != sorted(before[c])[0]]
+            renamed = [(p.replace("/005.", "/005b.") if t == c else p, t) for p, t in samples]
+            for changed in (added, removed, renamed):
+                after = _held_by_class(sorted(changed, key=lambda s: s[1]), seed)
+                assert all(after[o] == before[o] for o in range(4) if o != c), (c, seed)
+                olds = {p for p, _ in samples}
+                kept_before, kept_after = before[c] & {p for p, _ in changed}, after[c] & olds
+                assert kept_before <= kept_after or kept_after <= kept_before
+                assert len(kept_before ^ kept_after) <= 1
+
+
+def test_hold_out_does_not_depend_on_the_order_files_are_listed_in():
+    samples = _class_samples([12, 7, 30])
+    kept, held = hold_out(samples, 0.2, 3, root="/d/train")
+    shuffled = samples[:]
+    random.Random(0).shuffle(shuffled)
+    kept_s, held_s = hold_out(shuffled, 0.2, 3, root="/d/train")
+    assert set(held_s) == set(held) and set(kept_s) == set(kept)
+    assert held_s == [s for s in shuffled if s in set(held)]  # each keeps the order it was given
+    # Nor on where the dataset lies: the paths below train/ decide.
+    moved = [(p.replace("/d/", "/elsewhere/data/"), t) for p, t in samples]
+    assert [p for p, _ in hold_out(moved, 0.2, 3, root="/elsewhere/data/train")[1]] == \
+        [p.replace("/d/", "/elsewhere/data/") for p, _ in held]
+
+
+def test_hold_out_of_file_names_that_are_not_utf8(tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 is ranked by its bytes and recorded
+    in a checkpoint as it is."""
+    import os
+    names = ["a.jpg", os.fsdecode(b"caf\xe9.jpg"), "b.jpg", "c.jpg"]
+    samples = [(f"/d/train/c0/{n}", 0) for n in names]
+    held = hold_out(samples, 0.5, 0, root="/d/train")[1]
+    record = holdout_record(held, "/d/train", "ranked")
+    ckpt_io.save({"holdout": record}, tmp_path / "x.pt")
+    assert torch.load(tmp_path / "x.pt", weights_only=True)["holdout"] == record
+    assert len(record["held"]) == 2
+
+
+def test_the_permutation_draw_is_the_one_earlier_runs_made():
+    """Checkpoints that record no hold-out were trained on this draw: a resumed one keeps it."""
+    samples = _class_samples([8, 3, 11])
+    labels = torch.tensor([t for _, t in samples])
+    generator = torch.Generator().manual_seed(mix_seed(7, 0x7A1))
+    expected = torch.zeros(len(samples), dtype=torch.bool)
+    for target in labels.unique().tolist():  # the code of runs before the record, verbatim
+        members = (labels == target).nonzero().flatten()
+        count = min(max(1, round(0.3 * len(members))), len(members) - 1)
+        expected[members[torch.randperm(len(members), generator=generator)[:count]]] = True
+    held = hold_out(samples, 0.3, 7, root="/d/train", method=HOLDOUT_PERMUTATION)[1]
+    assert held == [s for s, h in zip(samples, expected.tolist()) if h]
+
+
+def _files(out):
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def test_a_resume_whose_hold_out_changed_stops_unless_accepted(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    # Given to a new run, where it changes nothing, it says so; no later resume inherits it.
+    assert _train(data, out, "--epochs=1", "--eval_every=1", "--val_split=0.25",
+                  "--accept_new_holdout") == 0
+    assert "--accept_new_holdout changes nothing here" in capsys.readouterr().out
+    record = ckpt_io.load(out / "last.pt")["holdout"]
+    assert record["method"] == "ranked" and len(record["held"]) == 6
+    assert all((data / "train" / name).is_file() for name in record["held"])
+    # A held-out image removed: the next image of its class in the ranking, trained on so far,
+    # would become a validation image.
+    gone = data / "train" / record["held"][0]
+    kept = tmp_path / "kept.jpg"
+    shutil.move(gone, kept)
+    before = _files(out)
+    capsys.readouterr()
+    assert _train(data, out, "--resume", "--extend", "--epochs=2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds out other images of" in err[0], err
+    assert "held out then, not now: 1 of 6" in err[0] and "held out now, not then: 1" in err[0]
+    assert f"classes: {gone.parent.name}" in err[0] and "--accept_new_holdout" in err[0]
+    assert _files(out) == before
+    # Put back: it resumes.
+    shutil.move(kept, gone)
+    assert _train(data, out, "--resume", "--extend", "--epochs=2") == 0
+    assert ckpt_io.load(out / "last.pt")["holdout"] == record
+    # Removed again and accepted: the new hold-out is validated on and recorded.
+    gone.unlink()
+    capsys.readouterr()
+    assert _train(data, out, "--resume", "--extend", "--epochs=3", "--accept_new_holdout") == 0
+    assert "--accept_new_holdout: validating on the new hold-out" in capsys.readouterr().out
+    now = ckpt_io.load(out / "last.pt")
+    assert record["held"][0] not in now["holdout"]["held"] and len(now["holdout"]["held"]) == 6
+    assert now["history"][-1]["val"]["samples"] == 6
+    assert _train(data, out, "--resume", "--extend", "--epochs=4") == 0  # the new record holds
+
+
+def test_a_checkpoint_without_a_hold_out_record_resumes_with_a_note(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs=1", "--eval_every=1", "--val_split=0.25") == 0
+    for name in ("last.pt", "best.pt"):  # as runs wrote them before the record
+        ck = ckpt_io.load(out / name)
+        del ck["holdout"]
+        ckpt_io.save(ck, out / name)
+    capsys.readouterr()
+    assert _train(data, out, "--resume", "--extend", "--epochs=2") == 0
+    printed = capsys.readouterr().out
+    assert sum("does not record its validation hold-out" in line
+               for line in printed.splitlines()) == 1
+    samples = check_layout(data)[1]["train"]
+    legacy = hold_out(samples, 0.25, 0, data / "train", HOLDOUT_PERMUTATION)[1]
+    record = ckpt_io.load(out / "last.pt")["holdout"]
+    assert record["method"] == HOLDOUT_PERMUTATION
+    assert record["held"] == sorted(str(Path(p).relative_to(data / "train")) for p, _ in legacy)
 
 
 def test_val_split_values_are_parsed_and_checked():
@@ -154,6 +291,38 @@ def test_tensorboard_scalars_per_epoch_and_no_duplicates_after_resume(tmp_path):
     # --overwrite removes the event files with the rest of the run.
     assert _train(data, out, "--epochs=1", "--overwrite") == 0
     assert not (out / ckpt_io.TENSORBOARD_DIR).exists()
+
+
+@pytest.mark.parametrize("dies_in", ["epoch 2", "final test"])
+def test_tensorboard_events_lost_to_a_kill_are_written_on_resume(tmp_path, monkeypatch, dies_in):
+    """Killed after a checkpoint and before its TensorBoard events: the resumed run writes them,
+    and TensorBoard ends as an uninterrupted run's."""
+    pytest.importorskip("tensorboard", reason="tensorboard is in requirements.txt")
+    from tests.run_records import tensorboard_scalars
+    data = make_image_folder(tmp_path / "data")
+    args = ["--epochs=2", "--eval_every=1", "--val_split=0.25", "--tensorboard"]
+    assert _train(data, tmp_path / "full", *args) == 0
+    real_epoch, real_scalars = ckpt_io.TensorBoardLog.epoch, ckpt_io.TensorBoardLog.scalars
+
+    def epoch(self, record):
+        if dies_in == "epoch 2" and record["epoch"] == 1:
+            raise KeyboardInterrupt  # as a kill there: the process ends, nothing else is written
+        return real_epoch(self, record)
+
+    def scalars(self, split, result, step):
+        if dies_in == "final test" and split == "final_test":
+            raise KeyboardInterrupt
+        return real_scalars(self, split, result, step)
+    out = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_io.TensorBoardLog, "epoch", epoch)
+        m.setattr(ckpt_io.TensorBoardLog, "scalars", scalars)
+        assert _train(data, out, *args) == 130
+    assert ckpt_io.load(out / "last.pt")["epoch"] == 2
+    assert _train(data, out, *args, "--resume") == 0
+    full = tensorboard_scalars(tmp_path / "full")
+    assert "final_test/acc_combined" in full and "train/lr" in full
+    assert tensorboard_scalars(out) == full
 
 
 def test_tensorboard_missing_is_named_with_the_fix(monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """Whole runs of the training CLI on a tiny generated dataset: logs, checkpoints, resume,
 evaluation-only, reproducibility."""
+import importlib.util
 import json
 import re
 
@@ -10,6 +11,7 @@ from cmal import checkpoint as ckpt_io
 from cmal import settings
 from cmal import train
 from tests.conftest import TINY_ARGS, make_image_folder
+from tests.run_records import assert_same_records
 
 TRAIN_LINE = re.compile(r"^Iteration \d+ \| train_acc = \d+\.\d{5} \| train_loss = \d+\.\d{5} \| "
                         r"Loss1: \d+\.\d{3} \| Loss2: \d+\.\d{5} \| Loss3: \d+\.\d{5} \| "
@@ -84,28 +86,58 @@ def _stop_after(monkeypatch, calls):
     monkeypatch.setattr(train.StopRequest, "requested", requested)
 
 
+def _stop_in_evaluation(monkeypatch, calls):
+    """Make a SIGTERM arrive during the n-th evaluation, before its first batch."""
+    real_enter, real_evaluate = train.StopRequest.__enter__, train.evaluate
+    seen = {"stop": None, "n": 0}
+
+    def enter(self):
+        seen["stop"] = self
+        return real_enter(self)
+
+    def evaluate(*args, **kwargs):
+        seen["n"] += 1
+        if seen["n"] == calls:
+            seen["stop"].signal = "SIGTERM"
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(train.StopRequest, "__enter__", enter)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 3-epoch run evaluated every epoch, with TensorBoard records where tensorboard is
+    installed: what every stopped and resumed run must end as."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = make_image_folder(root / "data")
+    assert run(data, root / "full", *STOPPED_RUN) == 0
+    return data, root / "full"
+
+
+STOPPED_RUN = ["--epochs=3", "--eval_every=1"] + (
+    ["--tensorboard"] if importlib.util.find_spec("tensorboard") else [])
+
+
 # 6 iterations per epoch. Check 4: inside epoch 1; 6: its last iteration; 7: after its
-# evaluation (an epoch boundary); 10: inside epoch 2.
-@pytest.mark.parametrize("stop_at, epoch, position", [(4, 0, 4), (6, 0, 6), (7, 1, None),
-                                                      (10, 1, 3)])
-def test_stop_and_resume_equals_an_uninterrupted_run(image_folder, tmp_path, monkeypatch,
-                                                     stop_at, epoch, position):
-    assert run(image_folder, tmp_path / "full", "--epochs=3", "--eval_every=1") == 0
+# evaluation (an epoch boundary); 10: inside epoch 2; 13: epoch 2's last iteration. Evaluation 2
+# and 3: epochs 2 and 3, whose scheduled learning rates are below the base rates.
+@pytest.mark.parametrize("stop, epoch, position", [
+    (("check", 4), 0, 4), (("check", 6), 0, 6), (("check", 7), 1, None), (("check", 10), 1, 3),
+    (("check", 13), 1, 6), (("evaluation", 2), 1, 6), (("evaluation", 3), 2, 6)])
+def test_stop_and_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path, monkeypatch,
+                                                     stop, epoch, position):
+    image_folder, full = uninterrupted
     out = tmp_path / "stopped"
     with monkeypatch.context() as m:
-        _stop_after(m, stop_at)
-        assert run(image_folder, out, "--epochs=3", "--eval_every=1") == 143
+        (_stop_after if stop[0] == "check" else _stop_in_evaluation)(m, stop[1])
+        assert run(image_folder, out, *STOPPED_RUN) == 143
     ck = ckpt_io.load(out / "last.pt")
     assert ck["epoch"] == epoch
     assert (ck["stats"] and ck["stats"]["position"]) == position
-    assert run(image_folder, out, "--epochs=3", "--eval_every=1", "--resume") == 0
-    full = ckpt_io.load(tmp_path / "full" / "last.pt")
-    resumed = ckpt_io.load(out / "last.pt")
-    assert_same_weights(full["model"], resumed["model"])
-    assert full["optimizer"]["param_groups"] == resumed["optimizer"]["param_groups"]
-    for name in ("results_train.txt", "results_test.txt", "log.jsonl"):
-        strip = (lambda t: re.sub(r'"time": [0-9.e-]+', "", t)) if name == "log.jsonl" else str
-        assert strip((out / name).read_text()) == strip((tmp_path / "full" / name).read_text())
+    assert run(image_folder, out, *STOPPED_RUN, "--resume") == 0
+    assert_same_weights(ckpt_io.load(full / "last.pt")["model"],
+                        ckpt_io.load(out / "last.pt")["model"])
+    assert_same_records(out, full)
 
 
 def test_test_only_scores_a_checkpoint(image_folder, tmp_path, capsys):
