@@ -187,6 +187,9 @@ class _Recorded:
     def flush(self):
         return self.file.flush()
 
+    def fileno(self):
+        return self.file.fileno()
+
 
 def _umask():
     mask = os.umask(0)
