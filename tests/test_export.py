@@ -150,7 +150,7 @@ def test_existing_files_are_kept_without_overwrite(run_dir, tmp_path, capsys):
     assert export_tool.main([str(run_dir / "best.pt"), str(out), "--format=torchscript"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert str(out / "model.json") in err and "--overwrite" in err
+    assert f"OUT_DIR {out} already holds an export (model.json)" in err and "--overwrite" in err
     assert (out / "model.json").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir()) == ["model.json"]
     assert export_tool.main([str(run_dir / "best.pt"), str(out), "--format=torchscript",
