@@ -182,10 +182,11 @@ def run(cfg, given=frozenset()):
             cfg = settings_of_checkpoint(cfg, ck, given, path)
         replace = False
         if not cfg.test_only:
+            check_resume_or_overwrite(cfg, path, given)
             if ck is not None and finished(cfg, ck):
                 log(finished_line(cfg, ck, path))
                 return 0
-            replace = check_previous_run(cfg, path, ck, given)
+            replace = check_previous_run(cfg, path, ck)
             if cfg.resume == "auto" and path is None:
                 log(f"--resume: {Path(cfg.output_dir) / 'last.pt'} does not exist yet; "
                     "starting a new run")
@@ -244,15 +245,20 @@ def finished_line(cfg, ck, path):
     """What --resume of a finished run says instead of training: its result and how to train
     it further."""
     best, final = ck.get("best_epoch"), ck.get("final_test")
+    out_dir = Path(cfg.output_dir)
+    how = "--resume" if _same_file(path, out_dir / "last.pt") else f"--resume={path}"
     return (f"{path} holds a finished run of {cfg.epochs} epochs: best "
             f"{methods.headline(cfg)} {selection_split(cfg)} accuracy {ck['best_acc']:.2f}%"
             + (f" at epoch {best + 1}" if best is not None else "")
             + (f", its test accuracy (scored once) {final['acc_combined']:.2f}%" if final else "")
-            + f"; nothing to train, nothing written. To train it further: --resume "
-            f"--extend --epochs=N (N above {cfg.epochs})")
+            + f"; nothing to train, nothing written. To train it further: {how} --extend "
+            f"--epochs=N (N above {cfg.epochs})"
+            # Its own folder holds the run further on (see check_previous_run).
+            + (" with another --output_dir" if how != "--resume" and own_checkpoint(path, out_dir)
+               else ""))
 
 
-def check_previous_run(cfg, path, ck, given):
+def check_previous_run(cfg, path, ck):
     """Whether this run replaces the work of a previous one in output_dir (--overwrite: its
     files are then removed once every input of this run has been checked, see Training).
 
@@ -270,28 +276,41 @@ def check_previous_run(cfg, path, ck, given):
         found = []
     if found and own:
         raise ckpt_io.CheckpointError(rewind_message(out_dir, path, ck))
-    if own and cfg.overwrite and "overwrite" in given:
-        raise settings.SettingsError(
-            f"--overwrite starts a new run in {out_dir}, replacing the one there, and "
-            f"--resume={path} continues that run: leave out one of them")
     if not found:
         return False
     if cfg.overwrite:
         return True
     if path is not None:
+        last = _folder_checkpoints(out_dir).get("last.pt")
+        further = last is not None and leads_to(ck, last)  # an older copy of that run
         raise ckpt_io.CheckpointError(
             f"{out_dir} already holds a run ({', '.join(found)}) that resuming {path} there "
-            "would replace: choose another --output_dir, or pass --overwrite to replace it")
+            "would replace" + (f" (the same run, further on: {ckpt_io.describe_progress(last)})"
+                               if further else "")
+            + ": " + ("continue it with --resume, " if further else "")
+            + "choose another --output_dir, or pass --overwrite to replace it")
     raise ckpt_io.CheckpointError(
         f"{out_dir} already holds a run ({', '.join(found)}): "
         + continue_hint(out_dir) + "start a new one with --overwrite (which removes those "
         "files) or another --output_dir")
 
 
+def check_resume_or_overwrite(cfg, path, given):
+    """Refuse --overwrite and --resume of the folder's own run both on the command line: one
+    starts a new run, the other continues the old one. (A script's overwrite=True, as the
+    demo's, gives way to --resume.)"""
+    if path is not None and cfg.overwrite and "overwrite" in given and \
+            own_checkpoint(path, Path(cfg.output_dir)):
+        raise settings.SettingsError(
+            f"--overwrite starts a new run in {cfg.output_dir}, replacing the one there, and "
+            f"--resume={path} continues that run: leave out one of them")
+
+
 def own_checkpoint(path, out_dir):
     """Whether `path` is the last.pt or best.pt of out_dir, which --overwrite would remove."""
-    return any(_same_file(path, out_dir / name) or
-               Path(path).resolve() == (out_dir / name).resolve() for name in ("last.pt", "best.pt"))
+    return any(_same_file(path, out_dir / name)
+               or Path(path).resolve() == (out_dir / name).resolve()
+               for name in ("last.pt", "best.pt"))
 
 
 def _same_file(a, b):
@@ -414,6 +433,19 @@ class Training:
             log(line)
         self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
                                       classes, writes=dist.is_main(), init=self.init)
+        best = Path(cfg.output_dir) / "best.pt"
+        if self.validated() and self.state.best_epoch is not None and (
+                replace or not best.exists()):
+            # The run's test is scored with best.pt at the end: it must be this folder's.
+            where = f"the folder {path} was saved in"
+            raise ckpt_io.CheckpointError(
+                f"{best} is "
+                + ("of the run --overwrite would replace" if replace else "missing")
+                + ", and this run chooses its best network on validation and scores it on test "
+                "at the end: "
+                + (f"resume into a new --output_dir holding a copy of the best.pt of {where}, "
+                   if replace else f"copy the best.pt of {where} into {cfg.output_dir}, ")
+                + "or resume with --output_dir set to that folder")
         if replace:
             # --overwrite: only now, with the data scanned and the weights and the checkpoint
             # read, so that a mistake in this run's inputs leaves the previous run whole.
@@ -422,13 +454,6 @@ class Training:
                 log(f"--overwrite: removed the previous run's {', '.join(removed)} from "
                     f"{cfg.output_dir}")
             dist.barrier()
-        best = Path(cfg.output_dir) / "best.pt"
-        if self.validated() and self.state.best_epoch is not None and not best.exists():
-            # The run's test is scored with best.pt at the end: it must be this folder's.
-            raise ckpt_io.CheckpointError(
-                f"{best} is missing, and this run chooses its best network on validation and "
-                f"scores it on test at the end: copy the best.pt of the folder {path} was saved "
-                f"in into {cfg.output_dir}, or resume with --output_dir set to that folder")
         self.saver.start(self.state)
         self.net = self._wrap(model)
         self.progress = settings.show_progress(cfg) and dist.is_main()

@@ -160,15 +160,18 @@ def test_resuming_from_the_folders_own_best_pt_is_refused(data, ahead_of_best, t
     best = out / "best.pt"
     before = snapshot(out)
     capsys.readouterr()
-    for extra in ([], ["--overwrite"]):
-        assert _train(data, out, f"--resume={best}", *extra) == 2
-        err = capsys.readouterr().err
-        assert f"--resume={best} would take the run in {out} back to the end of epoch 1 and " \
-               "retrain from there, replacing last.pt at the end of epoch 3 and the records of " \
-               "epochs 2-3" in err
-        assert "continue the run with --resume (from last.pt)" in err
-        assert "start a branch from best.pt with another --output_dir" in err
-        assert snapshot(out) == before
+    assert _train(data, out, f"--resume={best}") == 2
+    err = capsys.readouterr().err
+    assert f"--resume={best} would take the run in {out} back to the end of epoch 1 and " \
+           "retrain from there, replacing last.pt at the end of epoch 3 and the records of " \
+           "epochs 2-3" in err
+    assert "continue the run with --resume (from last.pt)" in err
+    assert "start a branch from best.pt with another --output_dir" in err
+    assert snapshot(out) == before
+    # --overwrite would remove best.pt itself: it cannot go with a resume from it.
+    assert _train(data, out, f"--resume={best}", "--overwrite") == 2
+    assert "leave out one of them" in capsys.readouterr().err
+    assert snapshot(out) == before
     # The branch: best.pt continued elsewhere, the run left as it is.
     branch = tmp_path / "branch"
     assert _train(data, branch, f"--resume={best}") == 0
@@ -179,9 +182,10 @@ def test_resuming_from_the_folders_own_best_pt_is_refused(data, ahead_of_best, t
 def test_resume_and_overwrite_together_are_refused(data, finished, capsys):
     before = snapshot(finished)
     capsys.readouterr()
-    assert _train(data, finished, "--resume", "--overwrite", "--extend", "--epochs=2") == 2
-    assert "leave out one of them" in capsys.readouterr().err
-    assert snapshot(finished) == before
+    for extra in ([], ["--extend", "--epochs=2"]):  # finished or not, it is not for us to pick
+        assert _train(data, finished, "--resume", "--overwrite", *extra) == 2, extra
+        assert "leave out one of them" in capsys.readouterr().err
+        assert snapshot(finished) == before
 
 
 def test_another_runs_checkpoint_is_resumed_into_a_folder_it_continues(data, finished,
@@ -193,6 +197,14 @@ def test_another_runs_checkpoint_is_resumed_into_a_folder_it_continues(data, fin
     shutil.copyfile(finished / "best.pt", other / "best.pt")
     assert _train(data, other, f"--resume={finished / 'last.pt'}", "--extend",
                   "--epochs=2") == 0
+    # An older state of the run there would take it back: refused, saying so.
+    before = snapshot(other)
+    capsys.readouterr()
+    assert _train(data, other, f"--resume={finished / 'last.pt'}", "--extend",
+                  "--epochs=3") == 2
+    assert "(the same run, further on: the end of epoch 2): continue it with --resume" in \
+        capsys.readouterr().err
+    assert snapshot(other) == before
     # A run of other settings there is another run's: refused without --overwrite.
     third = tmp_path / "third"
     assert _train(data, third, "--epochs=1", "--seed=5") == 0
@@ -202,6 +214,22 @@ def test_another_runs_checkpoint_is_resumed_into_a_folder_it_continues(data, fin
                   "--epochs=2") == 2
     assert f"{third} already holds a run (last.pt, best.pt" in capsys.readouterr().err
     assert snapshot(third) == before
+
+
+def test_a_validated_run_is_not_resumed_over_another_runs_best(data, finished, tmp_path,
+                                                               capsys):
+    """With --val_split, the test is scored with the folder's best.pt at the end: resumed into
+    a folder of another run, with --overwrite, it would find none of its own (and the other
+    run's removed): refused first, the folder untouched."""
+    validated = tmp_path / "validated"
+    assert _train(data, validated, "--epochs=1", "--eval_every=1", "--val_split=0.25") == 0
+    before = snapshot(finished)
+    capsys.readouterr()
+    assert _train(data, finished, f"--resume={validated / 'last.pt'}", "--extend",
+                  "--epochs=2", "--overwrite") == 2
+    assert f"{finished / 'best.pt'} is of the run --overwrite would replace" in \
+        capsys.readouterr().err
+    assert snapshot(finished) == before
 
 
 # --- --overwrite -------------------------------------------------------------------------------
