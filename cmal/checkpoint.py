@@ -43,19 +43,22 @@ class OutputDirError(CheckpointError):
 
 RUN_FILES = ("last.pt", "best.pt", TRAIN_LOG, TEST_LOG, JSON_LOG, SUMMARY, SETTINGS_FILE,
              TENSORBOARD_DIR)
+# The reports --test_only writes beside the run's own checkpoints (CHECKPOINT-STEM_evaluation/):
+# they describe those files, and go with them.
+RUN_REPORTS = ("last_evaluation", "best_evaluation")
 LOCK_NAME = ".run.lock"
 
 
-def prepare_output_dir(out_dir):
+def prepare_output_dir(out_dir, option="--output_dir"):
     """Create `out_dir`, or check that an existing one is a folder this process can write into;
-    OutputDirError says which path is at fault. Cheap: runs before any data or model work.
-    Returns whether the folder was created."""
+    OutputDirError says which path is at fault (`option`: the setting that named it). Cheap: runs
+    before any data or model work. Returns whether the folder was created."""
     out = Path(out_dir)
     blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         where = "is a file" if blocker == out else f"lies under {blocker}, which is a file"
-        raise OutputDirError(f"--output_dir={out} {where}, not a folder; choose another "
-                             "--output_dir")
+        raise OutputDirError(f"{_named(option, out)} {where}, not a folder; choose another "
+                             f"{option}")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -66,9 +69,14 @@ def prepare_output_dir(out_dir):
         fix = ("free space on its device, or " if disk_full_cause(exc) else
                "make it writable, or " if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
                else "")
-        raise OutputDirError(f"cannot write into --output_dir={out} ({exc.strerror}); {fix}"
-                             "choose another --output_dir") from None
+        raise OutputDirError(f"cannot write into {_named(option, out)} ({exc.strerror}); {fix}"
+                             f"choose another {option}") from None
     return created
+
+
+def _named(option, path):
+    """'--output_dir=PATH' for an option, 'OUT_DIR PATH' for a positional argument."""
+    return f"{option}={path}" if option.startswith("--") else f"{option} {path}"
 
 
 class RunLock:
@@ -81,24 +89,29 @@ class RunLock:
     run created it and left nothing in it, so that a run that failed early leaves no trace.
     """
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, owner="training run", option="--output_dir"):
         self.folder = Path(out_dir)
         self.path = self.folder / LOCK_NAME
+        self.owner, self.option = owner, option  # what holds the folder, the setting naming it
         self._fd = None
         self._created = False
 
     def acquire(self):
-        self._created = prepare_output_dir(self.folder)
+        self._created = prepare_output_dir(self.folder, self.option)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                owner = os.read(fd, 512).decode(errors="replace").strip() or "starting"
+                owner = os.read(fd, 512).decode(errors="replace").strip()
                 os.close(fd)
+                # A lock file of this version starts with its owner's kind ("export (process
+                # ..."); an older run's holds the process alone.
+                if not owner.startswith(("training run (", "export (")):
+                    owner = f"training run ({owner or 'starting'})"
                 raise OutputDirError(
-                    f"{self.folder} is in use by another training run ({owner}); wait for it to "
-                    "finish or stop it, or choose another --output_dir") from None
+                    f"{self.folder} is in use by another {owner}; wait for it to finish or stop "
+                    f"it, or choose another {self.option}") from None
             # The previous owner may have removed the file between our open and our lock: then
             # this lock is on a file nobody else sees, and the path must be opened again.
             try:
@@ -109,8 +122,8 @@ class RunLock:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.write(fd, (f"process {os.getpid()} on {socket.gethostname()}, started "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}").encode())
+        os.write(fd, (f"{self.owner} (process {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})").encode())
         self._fd = fd
         return self
 
@@ -125,14 +138,69 @@ class RunLock:
 
 
 def clear_run_files(out_dir):
-    """Remove a previous run's checkpoints and logs (--overwrite), so that none of them can be
-    mistaken for the new run's."""
-    for name in RUN_FILES:
+    """Remove a previous run's checkpoints, logs, TensorBoard events and the evaluation reports
+    of its checkpoints (--overwrite), so that none of them can be mistaken for the new run's;
+    returns the names removed."""
+    removed = []
+    for name in RUN_FILES + RUN_REPORTS:
         path = Path(out_dir) / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
+        elif path.is_symlink() or path.exists():
+            path.unlink()
         else:
-            path.unlink(missing_ok=True)
+            continue
+        removed.append(name)
+    return removed
+
+
+def previous_run_files(out_dir):
+    """What in `out_dir` holds a previous run's work, as names ('tensorboard/' for a folder):
+    its checkpoints, logs of at least one epoch, TensorBoard events and evaluation reports.
+    settings.json and the empty logs of a run that ended inside its first epoch hold none."""
+    out, found = Path(out_dir), []
+    for name in ("last.pt", "best.pt"):
+        if (out / name).exists() or (out / name).is_symlink():
+            found.append(name)
+    for name in (TRAIN_LOG, TEST_LOG, JSON_LOG, SUMMARY):
+        try:
+            lines = [line for line in (out / name).read_text(errors="replace").splitlines()
+                     if line.strip()]
+        except OSError:  # missing (or unreadable: not ours to judge)
+            continue
+        if len(lines) > (1 if name == SUMMARY else 0):  # summary.csv: more than its header
+            found.append(name)
+    for name in (TENSORBOARD_DIR,) + RUN_REPORTS:
+        folder = out / name
+        if folder.is_dir() and any(folder.iterdir()):
+            found.append(name + "/")
+    return found
+
+
+def logged_records(out_dir):
+    """The epoch records of out_dir/log.jsonl (None when it cannot be read as such)."""
+    try:
+        text = (Path(out_dir) / JSON_LOG).read_text()
+    except FileNotFoundError:
+        return []
+    except OSError:
+        return None
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError:
+        return None
+
+
+def progress(ckpt):
+    """How far a checkpoint's run got: (epochs finished, batches into the next)."""
+    return ckpt["epoch"], (ckpt.get("stats") or {}).get("position", 0)
+
+
+def describe_progress(ckpt):
+    epoch, position = progress(ckpt)
+    if position:
+        return f"epoch {epoch + 1}, batch {position}"
+    return f"the end of epoch {epoch}" if epoch else "the start of epoch 1"
 
 
 def _atomic_write(path, write):

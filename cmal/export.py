@@ -19,6 +19,9 @@ dynamic in all three formats; the image size is fixed.
 """
 import copy
 import importlib
+import json
+import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -226,15 +229,18 @@ def max_differences(outputs, reference, names=OUTPUT_NAMES):
 
 
 def export_formats(predictor, image_size, formats, out_dir, check_batch=3, tolerance=1e-3,
-                   log=print):
-    """Write `formats` of `predictor` into `out_dir` (their FILE_NAMES) and check each file.
+                   log=print, describe=None):
+    """Write `formats` of `predictor` into `out_dir` (their FILE_NAMES) and check each file;
+    with `describe` (results -> the dict of model.json), model.json too.
 
-    Each file is written under a temporary name, loaded back and run on a random batch of
-    `check_batch` images (a size other than the export's example, so a fixed batch size would
-    show); its outputs must be within `tolerance` (max abs difference, every output) of the
-    PyTorch predictor's. Only when every format passes are the files renamed to their final
-    names; otherwise the temporary files are removed and ExportError says which format
-    differed by how much. ONNX is always exported from, and checked on, the CPU.
+    Each file is written under a temporary name of its own, loaded back and run on a random
+    batch of `check_batch` images (a size other than the export's example, so a fixed batch size
+    would show); its outputs must be within `tolerance` (max abs difference, every output) of
+    the PyTorch predictor's. Only when every format passes do the files replace the folder's
+    previous export as one set (install); otherwise the temporary files are removed and
+    ExportError says which format differed by how much. ONNX is always exported from, and
+    checked on, the CPU. The caller holds the folder (export_lock) and has checked that its
+    previous export, if any, may be replaced.
     Returns {format: {"file", "max_abs_diff", "seconds", ...}}.
     """
     out_dir = Path(out_dir)
@@ -244,7 +250,7 @@ def export_formats(predictor, image_size, formats, out_dir, check_batch=3, toler
     try:
         for fmt in formats:
             final = out_dir / FILE_NAMES[fmt]
-            tmp = out_dir / f".{final.stem}.tmp{final.suffix}"
+            tmp = _temporary_name(final)
             temporary.append((tmp, final))
             started = time.perf_counter()
             info = {}
@@ -293,13 +299,64 @@ def export_formats(predictor, image_size, formats, out_dir, check_batch=3, toler
             done[fmt] = {"file": final.name, "max_abs_diff": worst,
                          "max_abs_diff_per_output": diffs, "check_batch": check_batch,
                          "seconds": round(seconds, 2), **info}
-        for tmp, final in temporary:
-            tmp.replace(final)
+        install(out_dir, temporary, describe(done) if describe else None)
         temporary = []
     finally:
         for tmp, _ in temporary:
             tmp.unlink(missing_ok=True)
     return done
+
+
+def _temporary_name(final):
+    """A new file beside `final` for its content to be written into, under a name no other
+    process uses (it keeps `final`'s suffix, by which some writers choose the format), with the
+    permissions a plain open() would give."""
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.",
+                               suffix=f".tmp{final.suffix}")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+    os.close(fd)
+    return Path(tmp)
+
+
+def previous_export(out_dir):
+    """The names of the files an export wrote in `out_dir` (any format's, and model.json)."""
+    return [name for name in (*FILE_NAMES.values(), MANIFEST)
+            if (Path(out_dir) / name).exists() or (Path(out_dir) / name).is_symlink()]
+
+
+def install(out_dir, staged, description=None):
+    """Make the checked files `staged` ([(temporary, final)]) and `description` (model.json's
+    dict) the folder's export, removing every file of the previous one, so that the folder's
+    files describe one checkpoint. model.json goes first and comes back last: while the files
+    change, no model.json names a mixed set."""
+    out_dir = Path(out_dir)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    new = {final.name for _, final in staged}
+    for name in FILE_NAMES.values():
+        if name not in new:
+            (out_dir / name).unlink(missing_ok=True)
+    for tmp, final in staged:
+        tmp.replace(final)
+    if description is not None:
+        from cmal.checkpoint import write_text
+        write_text(out_dir / MANIFEST, json.dumps(description, indent=2) + "\n")
+
+
+def remove_partial_files(out_dir):
+    """Delete the temporary files of an export that was killed (call with the folder's lock
+    held: then no export is writing them)."""
+    for tmp in Path(out_dir).glob(".model.*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
+def export_lock(out_dir):
+    """The folder's lock (checkpoint.RunLock, the one training runs take): one export, or one
+    training run, writes into a folder at a time. Creates the folder; release() removes it again
+    if it stayed empty."""
+    from cmal.checkpoint import RunLock
+    return RunLock(out_dir, owner="export", option="OUT_DIR")
 
 
 def _first_line(exc):

@@ -142,7 +142,9 @@ class Settings:
                            "output_dir/best.pt)", bare=True)
     overwrite: bool = _setting(
         False, parse_bool, "start a new run in an output_dir that already holds one (its "
-                           "checkpoints and logs are removed first)", bare=True)
+                           "checkpoints, logs, TensorBoard events and evaluation reports are "
+                           "removed once the new run's data, settings and weights are checked)",
+        bare=True)
     save_every: int = _setting(
         0, int, "also write last.pt every N iterations inside an epoch (0: epoch ends only)")
     amp: str = _setting("none", str, "mixed precision: none, bf16 or fp16 (fp16 uses a gradient "
@@ -204,8 +206,9 @@ class Settings:
         False, parse_bool, "also write TensorBoard event files into output_dir/tensorboard/ "
                            "(needs the tensorboard package: pip install tensorboard)", bare=True)
     extend: bool = _setting(
-        False, parse_bool, "with --resume: continue a finished run to a larger --epochs (the "
-                           "cosine schedule is stretched over the new total)", bare=True)
+        False, parse_bool, "with --resume and --epochs=N: continue a finished run to N epochs, "
+                           "N above its own (the cosine schedule is stretched over the new "
+                           "total)", bare=True)
     accept_new_holdout: bool = _setting(
         False, parse_bool, "with --resume and --val_split=F: continue although the images held "
                            "out for validation are not those the checkpoint recorded (images of "
@@ -424,6 +427,10 @@ def validate(cfg):
     if cfg.method == "baseline" and cfg.ablation != "none":
         problems.append(f"--ablation={cfg.ablation} varies CMAL-Net's iteration; the baseline "
                         "has none (leave --ablation out with --method=baseline)")
+    if cfg.extend and not cfg.resume and not cfg.test_only:
+        problems.append("--extend continues a finished run and needs --resume (its output_dir's "
+                        "last.pt) or --resume=PATH; add one, or leave out --extend to start a "
+                        "new run")
     if cfg.tensorboard:
         from cmal.checkpoint import tensorboard_writer_class
         try:

@@ -10,6 +10,7 @@ results_test.txt (the reference's formats), log.jsonl (one JSON record per epoch
 settings.json (the settings, and under "init" what initialised the network, as the checkpoints
 record it), and with --tensorboard the event files in tensorboard/.
 """
+import json
 import os
 import signal
 import sys
@@ -120,7 +121,11 @@ def resume_path(cfg):
     if cfg.resume == "auto":
         path = Path(cfg.output_dir) / "last.pt"
         if not path.exists():
-            log(f"--resume: {path} does not exist yet; starting a new run")
+            if cfg.extend:
+                raise settings.SettingsError(
+                    f"--extend continues a finished run, and {path} does not exist: give the "
+                    "run's checkpoint with --resume=PATH (or --output_dir=its folder), or leave "
+                    "out --extend to start a new run")
             return None
         return path
     path = Path(cfg.resume)
@@ -180,8 +185,16 @@ def run(cfg, given=frozenset()):
         ck = load_checkpoint(path, cfg) if path else None
         if ck is not None:
             cfg = settings_of_checkpoint(cfg, ck, given, path)
+        overwrites = False
         if not cfg.test_only:
-            check_previous_run(cfg, path)
+            check_resume_or_overwrite(cfg, path, given)
+            if ck is not None and finished(cfg, ck):
+                log(finished_line(cfg, ck, path))
+                return 0
+            overwrites = check_previous_run(cfg, path, ck)
+            if cfg.resume == "auto" and path is None:
+                log(f"--resume: {Path(cfg.output_dir) / 'last.pt'} does not exist yet; "
+                    "starting a new run")
         torch.manual_seed(cfg.seed)
         # A checkpoint's classes are checked by name (check_classes), whose fix applies to it:
         # another --data_path, not another --num_classes.
@@ -192,7 +205,7 @@ def run(cfg, given=frozenset()):
                                 holdout_method=holdout_method_of(resumed))
         try:
             check_holdout(cfg, resumed, loaders.holdout, path)
-            return _run(cfg, device, path, ck, loaders)
+            return _run(cfg, device, path, ck, loaders, overwrites)
         finally:
             shutdown_workers(*(loader for loader in (loaders.train, loaders.test, loaders.val)
                                if loader is not None))
@@ -252,35 +265,187 @@ def settings_of_checkpoint(cfg, ck, given, path):
     """The settings a resumed run or an evaluation takes from its checkpoint (see
     settings.from_checkpoint_for), and --extend's conditions."""
     cfg, notes = settings.from_checkpoint_for(cfg, ck["settings"], given, path, cfg.test_only)
-    if notes:
-        log(f"settings from {path}: " + ", ".join(notes))
-    if cfg.extend and not cfg.test_only:
+    extending = cfg.extend and not cfg.test_only
+    if extending:
         trained = ck["settings"]["epochs"]
         if ck["epoch"] < trained or ck["stats"]:
             raise settings.SettingsError(
                 f"--extend continues a finished run, and {path} stopped in epoch "
                 f"{ck['epoch'] + 1} of {trained}: resume it without --extend first")
+        # A default or a script's value would retrain to a number nobody chose (200).
+        if "epochs" not in given:
+            raise settings.SettingsError(
+                f"--extend needs --epochs=N on the command line, N above the {trained} epochs "
+                f"{path} was trained for")
         if cfg.epochs <= trained:
             raise settings.SettingsError(f"--extend needs --epochs above the {trained} that "
                                          f"{path} was trained for, got {cfg.epochs}")
+        notes.insert(0, f"epochs={trained}, extended to {cfg.epochs} (--extend)")
+    if notes:
+        log(f"settings from {path}: " + ", ".join(notes))
     return cfg
 
 
-def check_previous_run(cfg, path):
-    """Refuse to start over a previous run unless --overwrite, which then removes its files."""
+def finished(cfg, ck):
+    """Whether a checkpoint holds a run with nothing left to do at its own settings (`cfg`):
+    every epoch trained and, when best.pt is chosen on validation, its test scored."""
+    return (not cfg.extend and not ck["stats"] and ck["epoch"] >= cfg.epochs
+            and (selection_split(cfg) == "test" or ck.get("final_test") is not None))
+
+
+def finished_line(cfg, ck, path):
+    """What --resume of a finished run says instead of training: its result and how to train
+    it further."""
+    best, final = ck.get("best_epoch"), ck.get("final_test")
     out_dir = Path(cfg.output_dir)
-    if path or not (out_dir / "last.pt").exists():
-        return
-    if not cfg.overwrite:
+    how = "--resume" if _same_file(path, out_dir / "last.pt") else f"--resume={path}"
+    return (f"{path} holds a finished run of {cfg.epochs} epochs: best "
+            f"{methods.headline(cfg)} {selection_split(cfg)} accuracy {ck['best_acc']:.2f}%"
+            + (f" at epoch {best + 1}" if best is not None else "")
+            + (f", its test accuracy (scored once) {final['acc_combined']:.2f}%" if final else "")
+            + f"; nothing to train, nothing written. To train it further: {how} --extend "
+            f"--epochs=N (N above {cfg.epochs})"
+            # Its own folder holds the run further on (see check_previous_run).
+            + (" with another --output_dir" if how != "--resume" and own_checkpoint(path, out_dir)
+               else ""))
+
+
+def check_previous_run(cfg, path, ck):
+    """Whether this run replaces the work of a previous one in output_dir (--overwrite: its
+    files are then removed once every input of this run has been checked, see Training).
+
+    A run may write into a folder that holds nothing trained, or the run it continues: its
+    own last.pt, or checkpoints and logs that `ck` (read from `path`) passed through. Anything
+    else would be replaced: a new run, or a resumed one from elsewhere, needs --overwrite; a
+    resume from the folder's own best.pt, which would retrain the epochs after it, is refused."""
+    out_dir = Path(cfg.output_dir)
+    own = path is not None and own_checkpoint(path, out_dir)
+    if path is not None and _same_file(path, out_dir / "last.pt"):
+        found = []
+    else:
+        found = ckpt_io.previous_run_files(out_dir)
+    if found and path is not None and continues_folder(out_dir, ck):
+        found = []
+    if found and own:
+        raise ckpt_io.CheckpointError(rewind_message(out_dir, path, ck))
+    if not found:
+        return False
+    if cfg.overwrite:
+        return True
+    if path is not None:
+        last = _folder_checkpoints(out_dir).get("last.pt")
+        further = last is not None and leads_to(ck, last)  # an older copy of that run
         raise ckpt_io.CheckpointError(
-            f"{out_dir} already holds a run (last.pt): continue it with --resume, or start a new "
-            "one with --overwrite or another --output_dir")
-    if dist.is_main():
-        ckpt_io.clear_run_files(out_dir)
-    dist.barrier()
+            f"{out_dir} already holds a run ({', '.join(found)}) that resuming {path} there "
+            "would replace" + (f" (the same run, further on: {ckpt_io.describe_progress(last)})"
+                               if further else "")
+            + ": " + ("continue it with --resume, " if further else "")
+            + "choose another --output_dir, or pass --overwrite to replace it")
+    raise ckpt_io.CheckpointError(
+        f"{out_dir} already holds a run ({', '.join(found)}): "
+        + continue_hint(out_dir) + "start a new one with --overwrite (which removes those "
+        "files) or another --output_dir")
 
 
-def _run(cfg, device, path, ck, loaders):
+def check_resume_or_overwrite(cfg, path, given):
+    """Refuse --overwrite and --resume of the folder's own run both on the command line: one
+    starts a new run, the other continues the old one. (A script's overwrite=True, as the
+    demo's, gives way to --resume.)"""
+    if path is not None and cfg.overwrite and "overwrite" in given and \
+            own_checkpoint(path, Path(cfg.output_dir)):
+        raise settings.SettingsError(
+            f"--overwrite starts a new run in {cfg.output_dir}, replacing the one there, and "
+            f"--resume={path} continues that run: leave out one of them")
+
+
+def own_checkpoint(path, out_dir):
+    """Whether `path` is the last.pt or best.pt of out_dir, which --overwrite would remove."""
+    return any(_same_file(path, out_dir / name)
+               or Path(path).resolve() == (out_dir / name).resolve()
+               for name in ("last.pt", "best.pt"))
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _folder_checkpoints(out_dir):
+    """{name: checkpoint} of out_dir's last.pt and best.pt (None where one cannot be read)."""
+    found = {}
+    for name in ("last.pt", "best.pt"):
+        if (out_dir / name).exists():
+            try:
+                found[name] = ckpt_io.load(out_dir / name)
+            except ckpt_io.CheckpointError:
+                found[name] = None
+    return found
+
+
+def continues_folder(out_dir, ck):
+    """Whether the run of checkpoint `ck` passed through everything out_dir holds: each of its
+    checkpoints is a state of that run at or before `ck`, and log.jsonl records a first part of
+    `ck`'s epochs. Resuming `ck` there then replaces nothing it does not reproduce."""
+    checkpoints = _folder_checkpoints(out_dir)
+    logged = ckpt_io.logged_records(out_dir)
+    if logged is None or not (checkpoints or logged):
+        return False  # unreadable, or only reports and events of a run nothing identifies
+    return (all(c is not None and leads_to(c, ck) for c in checkpoints.values())
+            and logged == logged_form(ck.get("history", []))[:len(logged)])
+
+
+def leads_to(earlier, later):
+    """Whether checkpoint `earlier` is a state the run of checkpoint `later` passed through (or
+    `later` itself): the same computation, its epoch records a first part of `later`'s, and not
+    further on."""
+    kept = set(settings.NAMES) - settings.CHANGEABLE_ON_RESUME - {"epochs"}  # --extend
+
+    def computation(ck):
+        values = settings.Settings.from_checkpoint(ck["settings"]).to_dict()
+        return {k: values[k] for k in kept}
+    history = earlier.get("history", [])
+    return (ckpt_io.progress(earlier) <= ckpt_io.progress(later)
+            and later.get("history", [])[:len(history)] == history
+            and computation(earlier) == computation(later))
+
+
+def logged_form(history):
+    """The epoch records of a history as log.jsonl holds them once read back."""
+    return [json.loads(json.dumps({**r, "epoch": r["epoch"] + 1}, sort_keys=True))
+            for r in history]
+
+
+def rewind_message(out_dir, path, ck):
+    """Why resuming from a folder's own best.pt (or an older last.pt) is refused: what of the
+    run it would replace, and what to do instead."""
+    beyond = []
+    last = _folder_checkpoints(out_dir).get("last.pt")
+    if last is not None and ckpt_io.progress(last) > ckpt_io.progress(ck):
+        beyond.append(f"last.pt at {ckpt_io.describe_progress(last)}")
+    logged, trained = ckpt_io.logged_records(out_dir) or [], len(ck.get("history", []))
+    if len(logged) > trained:
+        beyond.append(f"the records of epochs {trained + 1}-{len(logged)}")
+    what = " and ".join(beyond) or "files of another run"
+    return (f"--resume={path} would take the run in {out_dir} back to "
+            f"{ckpt_io.describe_progress(ck)} and retrain from there, replacing {what}: "
+            + ("continue the run with --resume (from last.pt), or " if last is not None else "")
+            + f"start a branch from {Path(path).name} with another --output_dir")
+
+
+def continue_hint(out_dir):
+    """How a refused new run could continue the folder's run instead, or ''."""
+    if (out_dir / "last.pt").exists():
+        return "continue it with --resume, or "
+    best = _folder_checkpoints(out_dir).get("best.pt")
+    if best is not None and continues_folder(out_dir, best):
+        return (f"continue it from best.pt ({ckpt_io.describe_progress(best)}; there is no "
+                f"last.pt) with --resume={out_dir / 'best.pt'}, or ")
+    return ""
+
+
+def _run(cfg, device, path, ck, loaders, overwrites=False):
     cfg.num_classes = cfg.num_classes or len(loaders.classes)
     if cfg.test_only:
         return test_only(cfg, device, ck, path, loaders.test)
@@ -289,7 +454,7 @@ def _run(cfg, device, path, ck, loaders):
             resolve_weights(cfg.weights)
         dist.barrier()
     try:
-        return Training(cfg, device, path, ck, loaders).fit()
+        return Training(cfg, device, path, ck, loaders, overwrites).fit()
     except (OSError, RuntimeError) as exc:  # TensorBoard's writer names no file
         cause = disk_full_cause(exc)
         if cause is None:
@@ -310,7 +475,7 @@ class Training:
     """One training run: its network, optimizer, data, saver and state, from a fresh start or
     from a checkpoint; `fit` trains the remaining epochs and decides how the run ends."""
 
-    def __init__(self, cfg, device, path, ck, loaders):
+    def __init__(self, cfg, device, path, ck, loaders, overwrites=False):
         self.cfg, self.device = cfg, device
         self.train_loader, self.test_loader = loaders.train, loaders.test
         # Where best.pt is chosen: a validation split (--val_split), else test (the reference).
@@ -337,12 +502,26 @@ class Training:
                                       classes, writes=dist.is_main(), init=self.init,
                                       holdout=loaders.holdout)
         best = Path(cfg.output_dir) / "best.pt"
-        if self.validated() and self.state.best_epoch is not None and not best.exists():
+        if self.validated() and self.state.best_epoch is not None and (
+                overwrites or not best.exists()):
             # The run's test is scored with best.pt at the end: it must be this folder's.
+            where = f"the folder {path} was saved in"
             raise ckpt_io.CheckpointError(
-                f"{best} is missing, and this run chooses its best network on validation and "
-                f"scores it on test at the end: copy the best.pt of the folder {path} was saved "
-                f"in into {cfg.output_dir}, or resume with --output_dir set to that folder")
+                f"{best} is "
+                + ("of the run --overwrite would replace" if overwrites else "missing")
+                + ", and this run chooses its best network on validation and scores it on test "
+                "at the end: "
+                + (f"resume into a new --output_dir holding a copy of the best.pt of {where}, "
+                   if overwrites else f"copy the best.pt of {where} into {cfg.output_dir}, ")
+                + "or resume with --output_dir set to that folder")
+        if overwrites:
+            # --overwrite: only now, with the data scanned and the weights and the checkpoint
+            # read, so that a mistake in this run's inputs leaves the previous run whole.
+            if dist.is_main():
+                removed = ckpt_io.clear_run_files(cfg.output_dir)
+                log(f"--overwrite: removed the previous run's {', '.join(removed)} from "
+                    f"{cfg.output_dir}")
+            dist.barrier()
         self.saver.start(self.state)
         self.net = self._wrap(model)
         self.progress = settings.show_progress(cfg) and dist.is_main()

@@ -390,6 +390,8 @@ def test_extending_a_validated_run_scores_its_best_on_test_again(tmp_path, capsy
 def test_a_validated_run_resumed_elsewhere_needs_its_best(validated_run, tmp_path, capsys):
     data, out, _ = validated_run
     capsys.readouterr()
-    assert _train(data, tmp_path / "elsewhere", f"--resume={out / 'last.pt'}") == 2
+    # (A finished run resumed as it is trains nothing, and needs nothing: it is extended here.)
+    assert _train(data, tmp_path / "elsewhere", f"--resume={out / 'last.pt'}", "--extend",
+                  "--epochs=4") == 2
     err = capsys.readouterr().err
     assert "best.pt is missing" in err and "copy the best.pt" in err

@@ -178,11 +178,15 @@ def test_bad_checkpoints_give_clear_errors_and_change_nothing(image_folder, tmp_
         (f"--resume={tmp_path / 'truncated.pt'}", "truncated or corrupt"),
         (f"--resume={tmp_path / 'foreign.pt'}", "not a CMAL-Net training checkpoint"),
         (f"--resume={tmp_path / 'evil.pt'}", "could run arbitrary code"),
-        # Its 4 classes come with its settings, and the 3 class folders here do not match.
-        (f"--resume={tmp_path / 'o4' / 'last.pt'}", "trained on other classes than this data_path"),
+        # Another run's checkpoint would replace the one in `out`: refused before anything else.
+        (f"--resume={tmp_path / 'o4' / 'last.pt'}", r"already holds a run .* would replace"),
+        # With --overwrite, its 4 classes (they come with its settings) do not match the 3 class
+        # folders here: refused before the run in `out` is removed.
+        (f"--resume={tmp_path / 'o4' / 'last.pt'} --overwrite",
+         "trained on other classes than this data_path"),
     ]
     for arg, message in cases:
-        assert run(image_folder, out, "--epochs=2", "--extend", arg) == 2, arg
+        assert run(image_folder, out, "--epochs=2", "--extend", *arg.split()) == 2, arg
         assert re.search(message, capsys.readouterr().err), arg
     assert run(image_folder, out, "--epochs=2", "--extend", "--resume", "--width_factor=0.25") == 2
     assert "--width_factor=0.25 (it was trained with 0.125)" in capsys.readouterr().err

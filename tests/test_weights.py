@@ -639,6 +639,8 @@ def test_resume_keeps_the_record_and_accepts_checkpoints_without_it(image_folder
     capsys.readouterr()
     assert _run(image_folder, out, "--epochs=2", "--resume", "--extend") == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("settings from") and "extended to 2" in lines[0]  # --extend's
+    lines = lines[1:]
     assert lines[0].startswith("resumed from") and lines[1].startswith("WARNING: random")
     assert _records(out) == ({"source": "random"}, {"source": "random"})
     # A checkpoint written before runs recorded their initialisation.
@@ -646,7 +648,7 @@ def test_resume_keeps_the_record_and_accepts_checkpoints_without_it(image_folder
     del old["init"]
     ckpt_io.save(old, out / "last.pt")
     assert _run(image_folder, out, "--epochs=3", "--resume", "--extend") == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()[1:]  # after the settings line
     assert lines[1] == ("initialisation: not recorded (the checkpoint was written before runs "
                         "recorded it)")
     assert _records(out) == (None, None)

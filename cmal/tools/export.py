@@ -10,18 +10,18 @@ float32 images at the trained size S, any batch size from 1, and returns (combin
 heads_att): the combined score that evaluation ranks by (the raw pass and the pass on the joint
 attention crop, their eight logits summed), and each pass's four head logits. Every file is
 loaded back and checked against the PyTorch model on a random batch; the largest difference is
-printed, and beyond --tolerance nothing is written. Existing files are kept unless --overwrite.
+printed, and beyond --tolerance nothing is written. A previous export in OUT_DIR is kept unless
+--overwrite, which replaces all of its files (of every format) with the new set; one export (or
+training run) writes into a folder at a time (OUT_DIR/.run.lock).
 Exit status 0 on success, 2 when the checkpoint, OUT_DIR or a format cannot be used (one line on
 stderr says which and what to do).
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 
 from cmal import export
-from cmal.checkpoint import write_text
 from cmal.distributed import pick_device
 from cmal.errors import run_command
 from cmal.inference import ToolError, check_output, load_model, test_transform
@@ -63,7 +63,8 @@ def parse_args(argv):
                         f"export's example batch has {export.EXAMPLE_BATCH}, so this also "
                         "checks that the batch size is free)")
     p.add_argument("--overwrite", type=parse_bool, nargs="?", const=True, default=False,
-                   help="replace files in OUT_DIR that already exist")
+                   help="replace a previous export in OUT_DIR: all of its files, of every "
+                        "format, and its model.json")
     args = p.parse_args(argv)
     if args.check_batch < 1:
         p.error(f"--check_batch must be at least 1, got {args.check_batch}")
@@ -72,24 +73,16 @@ def parse_args(argv):
     return args
 
 
-def check_out_dir(out_dir, names, checkpoint, overwrite):
-    """Refuse an OUT_DIR that is not a folder, or whose `names` exist, without --overwrite."""
-    out = Path(out_dir)
-    blocker = next((q for q in [out, *out.parents] if q.exists() and not q.is_dir()), None)
-    if blocker is not None:
-        where = "is a file" if blocker == out else f"lies under {blocker}, which is a file"
-        raise ToolError(f"OUT_DIR {out} {where}, not a folder; choose another OUT_DIR")
-    for name in names:
-        check_output(out / name, [checkpoint], overwrite, "OUT_DIR")
-    return out
-
-
-def make_out_dir(out):
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ToolError(f"cannot create OUT_DIR {out} ({exc.strerror}); choose a folder you can "
-                        "write to") from None
+def check_out_dir(out, checkpoint, overwrite):
+    """Refuse an OUT_DIR holding a previous export (the files of any format, or model.json)
+    without --overwrite, and one whose export files would replace the checkpoint, always.
+    Called with the folder's lock held, so that no other export writes in between."""
+    for name in (*export.FILE_NAMES.values(), export.MANIFEST):
+        check_output(out / name, [checkpoint], True, "OUT_DIR")
+    found = export.previous_export(out)
+    if found and not overwrite:
+        raise ToolError(f"OUT_DIR {out} already holds an export ({', '.join(found)}); choose "
+                        "another OUT_DIR, or pass --overwrite to replace it (all of its files)")
 
 
 def run(args):
@@ -97,21 +90,28 @@ def run(args):
     if "onnx" in formats:
         export.require_onnx()
     device = pick_device(args.device)
-    names = [export.FILE_NAMES[f] for f in formats] + [export.MANIFEST]
-    out = check_out_dir(args.out_dir, names, args.checkpoint, args.overwrite)
-    model, classes, cfg = load_model(args.checkpoint, device)
-    predictor = export.predictor_for(model)
-    make_out_dir(out)
-    print(f"exporting {args.checkpoint} ({len(classes)} classes, {cfg.image_size} px images) "
-          f"as {', '.join(formats)} on {device}", file=sys.stderr)
+    out = Path(args.out_dir)
+    # The lock, then every check: two exports into one folder cannot interleave their files,
+    # and what is checked is what is replaced.
+    lock = export.export_lock(out).acquire()
     try:
-        results = export.export_formats(predictor, cfg.image_size, formats, out,
-                                        check_batch=args.check_batch, tolerance=args.tolerance)
-    except OSError as exc:
-        raise ToolError(f"cannot write into OUT_DIR {out} ({exc.strerror or exc}); choose "
-                        "another OUT_DIR") from None
-    info = export.manifest(classes, cfg, test_transform(cfg), args.checkpoint, device, results)
-    write_text(out / export.MANIFEST, json.dumps(info, indent=2) + "\n")
+        check_out_dir(out, args.checkpoint, args.overwrite)
+        export.remove_partial_files(out)
+        model, classes, cfg = load_model(args.checkpoint, device)
+        predictor = export.predictor_for(model)
+        print(f"exporting {args.checkpoint} ({len(classes)} classes, {cfg.image_size} px images) "
+              f"as {', '.join(formats)} on {device}", file=sys.stderr)
+        try:
+            results = export.export_formats(
+                predictor, cfg.image_size, formats, out, check_batch=args.check_batch,
+                tolerance=args.tolerance,
+                describe=lambda results: export.manifest(classes, cfg, test_transform(cfg),
+                                                         args.checkpoint, device, results))
+        except OSError as exc:
+            raise ToolError(f"cannot write into OUT_DIR {out} ({exc.strerror or exc}); choose "
+                            "another OUT_DIR") from None
+    finally:
+        lock.release()
     print(f"wrote {', '.join(r['file'] for r in results.values())} and {export.MANIFEST} "
           f"into {out}", file=sys.stderr)
     return 0
