@@ -353,6 +353,8 @@ def validate(cfg):
     if cfg.batch_size == 1:
         problems.append("--batch_size must be at least 2 (the classifiers' BatchNorm1d needs two "
                         "samples)")
+    if not -2 ** 63 <= cfg.seed < 2 ** 64:  # what torch's generators take
+        problems.append(f"--seed must fit in 64 bits (from -2**63 to 2**64 - 1), got {cfg.seed}")
     if cfg.image_size % 4 or cfg.image_size < 32:
         problems.append(f"--image_size must be a multiple of 4 and at least 32 (368 in the "
                         f"paper), got {cfg.image_size}")
