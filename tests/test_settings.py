@@ -77,6 +77,18 @@ def test_validation_names_every_problem(capsys):
     assert "--resize (20) must be at least" in err and "--lr cannot be negative" in err
 
 
+@pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1])
+def test_a_seed_beyond_64_bits_is_refused_by_name(seed, capsys):
+    # torch's generators take 64 bits: a longer seed was a traceback at the model build.
+    with pytest.raises(SystemExit) as exc:
+        settings.parse({"data_path": "d"}, [f"--seed={seed}"])
+    assert exc.value.code == 2
+    assert f"--seed must fit in 64 bits (from -2**63 to 2**64 - 1), got {seed}" in \
+        capsys.readouterr().err
+    for fits in (2 ** 64 - 1, -2 ** 63, -1):
+        assert settings.parse({"data_path": "d"}, [f"--seed={fits}"]).seed == fits
+
+
 def test_given_on_command_line_sees_only_explicit_options():
     given = settings.given_on_command_line(["--epochs=3", "--compile", "--resume", "--lr", "0.1"])
     assert given == {"epochs", "compile", "resume", "lr"}
