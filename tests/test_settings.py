@@ -83,7 +83,7 @@ def test_a_seed_beyond_64_bits_is_refused_by_name(seed, capsys):
     with pytest.raises(SystemExit) as exc:
         settings.parse({"data_path": "d"}, [f"--seed={seed}"])
     assert exc.value.code == 2
-    assert f"--seed must fit in 64 bits (from -2**63 to 2**64 - 1), got {seed}" in \
+    assert f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}" in \
         capsys.readouterr().err
     for fits in (2 ** 64 - 1, -2 ** 63, -1):
         assert settings.parse({"data_path": "d"}, [f"--seed={fits}"]).seed == fits
