@@ -172,9 +172,23 @@ def previous_run_files(out_dir):
             found.append(name)
     for name in (TENSORBOARD_DIR,) + RUN_REPORTS:
         folder = out / name
-        if folder.is_dir() and any(folder.iterdir()):
+        if folder.is_dir() and any(not _header_only_events(f) for f in folder.iterdir()):
             found.append(name + "/")
     return found
+
+
+# A TensorBoard events file holding only the header its writer puts there when the run starts
+# (88 bytes with torch 2.14): a run killed before its first epoch leaves one, and it records no
+# work. One scalar makes the file 127 bytes.
+_EVENTS_HEADER_BYTES = 100
+
+
+def _header_only_events(path):
+    try:
+        return (path.name.startswith("events.out.tfevents.") and path.is_file()
+                and path.stat().st_size < _EVENTS_HEADER_BYTES)
+    except OSError:
+        return False
 
 
 def logged_records(out_dir):

@@ -96,12 +96,13 @@ def test_twenty_sigkills_in_a_row(reference, tmp_path):
             returncode = proc.returncode
         else:
             n = rng.randint(1, {"write": 3, "step": 5, "eval": 3}[kind])
-            returncode = launch(data, out, kind, n, "--resume").returncode
+            proc = launch(data, out, kind, n, "--resume")
+            returncode = proc.returncode
         if returncode == 0:  # finished before the kill: start over to keep killing
             assert_same_run(out, reference_out)
             shutil.rmtree(out)
             continue
-        assert returncode == -signal.SIGKILL, returncode
+        assert returncode == -signal.SIGKILL, (returncode, kind, proc.stderr)
         kills += 1
         kinds.append(kind)
         check_disk(out)

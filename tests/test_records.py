@@ -293,7 +293,9 @@ def test_tensorboard_scalars_per_epoch_and_no_duplicates_after_resume(tmp_path):
     assert not (out / ckpt_io.TENSORBOARD_DIR).exists()
 
 
-@pytest.mark.parametrize("dies_in", ["epoch 2", "final test"])
+# Not "final test": a finished run resumed writes nothing (test_no_accidental_loss), so the final
+# test's events lost to a kill after the last checkpoint stay lost (log.jsonl and last.pt hold it).
+@pytest.mark.parametrize("dies_in", ["epoch 2"])
 def test_tensorboard_events_lost_to_a_kill_are_written_on_resume(tmp_path, monkeypatch, dies_in):
     """Killed after a checkpoint and before its TensorBoard events: the resumed run writes them,
     and TensorBoard ends as an uninterrupted run's."""
