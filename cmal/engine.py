@@ -36,19 +36,22 @@ def attention_maps(net, outputs):
                                                          net.experts())]
 
 
-def _autocast(device, amp_dtype):
+def _autocast(device, amp_dtype, cache=True):
     if amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    # cache=False inside a CUDA graph capture: autocast's cache of cast weights would be freed
+    # memory at replay.
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache)
 
 
-def optimisation_step(net, optimizer, x, pick_loss, amp_dtype=None, scaler=None):
+def optimisation_step(net, optimizer, x, pick_loss, amp_dtype=None, scaler=None,
+                      autocast_cache=True):
     """One forward of `net` on `x`, the loss `pick_loss(output)`, its backward and one optimizer
     step; returns (output, the loss detached)."""
     # Gradients are zeroed, not freed: the reference's PyTorch kept zero-filled gradients, so
     # momentum and weight decay move every parameter at each optimizer step.
     optimizer.zero_grad(set_to_none=False)
-    with _autocast(x.device, amp_dtype):
+    with _autocast(x.device, amp_dtype, autocast_cache):
         out = net(x)
         loss = pick_loss(out)
     if scaler is not None:
@@ -61,6 +64,17 @@ def optimisation_step(net, optimizer, x, pick_loss, amp_dtype=None, scaler=None)
     return out, loss.detach()
 
 
+def draw_choice():
+    """Which input a step on a crop trains on, drawn as the reference draws it (torch.rand(1) on
+    the CPU's generator): 0, 1 or 2 for its first, second or third candidate."""
+    flag = torch.rand(1)
+    return 0 if flag < 1 / 3 else 1 if flag < 2 / 3 else 2
+
+
+def _drawn(_, *candidates):
+    return candidates[draw_choice()]
+
+
 def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=None,
                amp_dtype=None, scaler=None, ablation="none"):
     """One CMAL-Net iteration (spec section 4): five forward passes and five optimizer steps.
@@ -70,13 +84,28 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
     With `epoch` and `nb_epoch` the group learning rates are first set by the cosine schedule.
     `ablation`: one of ABLATIONS.
     """
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
+    check_ablation(ablation)
     if epoch is not None:
         set_learning_rates(optimizer, epoch, nb_epoch)
+    return step_result(*iteration_tensors(net, optimizer, inputs, targets, criterion, _drawn,
+                                          amp_dtype, scaler, ablation))
 
+
+def check_ablation(ablation):
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
+
+
+def iteration_tensors(net, optimizer, inputs, targets, criterion, choose, amp_dtype=None,
+                      scaler=None, ablation="none", autocast_cache=True):
+    """train_step's five steps, on the device and without a host synchronisation (what a CUDA
+    graph captures): returns (loss1, loss2, loss3, loss_att, loss_concat and the number of
+    correct concatenation predictions as one float tensor, the concatenation logits).
+
+    `choose(k, crop_a, crop_b, raw)` picks the input of step k (0: expert 2's, 1: expert 1's).
+    """
     def optimise(pick_loss, x):
-        return optimisation_step(net, optimizer, x, pick_loss, amp_dtype, scaler)
+        return optimisation_step(net, optimizer, x, pick_loss, amp_dtype, scaler, autocast_cache)
 
     def ce(logits):
         return criterion(logits.float(), targets)
@@ -93,12 +122,8 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
             inputs_att = None if ablation == "no_joint_crop" else highlight_im(inputs, a1, a2, a3)
     del out
 
-    flag = torch.rand(1)
-    x2 = inputs3_att if flag < 1 / 3 else inputs1_att if flag < 2 / 3 else inputs
-    _, loss2 = optimise(lambda o: ce(o.logits2), x2)
-    flag = torch.rand(1)
-    x1 = inputs3_att if flag < 1 / 3 else inputs2_att if flag < 2 / 3 else inputs
-    _, loss1 = optimise(lambda o: ce(o.logits1), x1)
+    _, loss2 = optimise(lambda o: ce(o.logits2), choose(0, inputs3_att, inputs1_att, inputs))
+    _, loss1 = optimise(lambda o: ce(o.logits1), choose(1, inputs3_att, inputs2_att, inputs))
     if inputs_att is None:
         loss_att = loss3.new_zeros(())
     else:
@@ -106,15 +131,21 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
                                + ce(o.logits_concat) * 2, inputs_att)
     out, loss_concat = optimise(lambda o: ce(o.logits_concat) * 2, inputs)
 
-    correct = (out.logits_concat.detach().argmax(1) == targets).sum()
+    logits = out.logits_concat.detach()
+    correct = (logits.argmax(1) == targets).sum()
+    return torch.stack([loss1, loss2, loss3, loss_att, loss_concat,
+                        correct.float()]).float(), logits
+
+
+def step_result(values, logits_concat):
+    """train_step's result from iteration_tensors' two tensors; raises NonFiniteError."""
     # One host synchronisation per iteration, for every number the loop reports.
-    *values, correct = torch.stack([loss1, loss2, loss3, loss_att, loss_concat,
-                                    correct.float()]).float().tolist()
+    *values, correct = values.tolist()
     result = dict(zip(LOSS_NAMES, values))
     if not all(map(_finite, values)):
         raise NonFiniteError(", ".join(f"{k}={v:.4g}" for k, v in result.items()))
     result["correct"] = int(correct)
-    result["logits_concat"] = out.logits_concat.detach()
+    result["logits_concat"] = logits_concat
     return result
 
 
@@ -252,7 +283,7 @@ def ranking_logits(model, inputs):
 
 @torch.no_grad()
 def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=False,
-             progress=False, should_stop=None, num_classes=None, flip=False):
+             progress=False, should_stop=None, num_classes=None, flip=False, scores=None):
     """Spec section 5: the raw pass, the joint attention crop pass, and the accuracies.
 
     Returns acc_concat (the concatenation head alone), acc_com2 (the four raw logits summed),
@@ -265,6 +296,8 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     Beyond the paper's protocol: with `num_classes`, also the top-5 accuracy of the combined
     score and its confusion matrix (rows: true class, columns: predicted); with `flip`, the
     combined accuracy of the image and its mirror image scored together (acc_combined_flip).
+    `scores(model, inputs)`: what computes evaluation_logits under --amp (cuda_graph.GraphedScores);
+    by default evaluation_logits itself.
     """
     model = unwrap(net)  # no DDP wrapper: ranks may hold different numbers of test batches
     model.eval()
@@ -273,6 +306,12 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     sums = torch.zeros(10, dtype=torch.float64, device=device)
     confusion = torch.zeros((num_classes or 0) ** 2, dtype=torch.float64, device=device)
     stopped = False
+
+    def score(inputs):
+        if scores is not None:
+            return scores(model, inputs)
+        with _autocast(device, amp_dtype):
+            return evaluation_logits(model, inputs)
     for inputs, targets, _ in tqdm(loader, desc="test", leave=False, dynamic_ncols=True,
                                    disable=not progress):
         if should_stop is not None and should_stop():
@@ -284,8 +323,7 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
-            concat, com2, com, experts = evaluation_logits(model, inputs)
+        concat, com2, com, experts = score(inputs)
         loss = criterion(concat, targets) * len(targets)
         predicted = com.argmax(1)
         top5 = flipped = sums.new_tensor(0.0)
@@ -295,8 +333,7 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
             best5 = com.topk(min(5, num_classes), 1).indices
             top5 = (best5 == targets[:, None]).any(1).sum().double()
         if flip:
-            with _autocast(device, amp_dtype):
-                mirrored = evaluation_logits(model, inputs.flip(3))[2]
+            mirrored = score(inputs.flip(3))[2]
             flipped = ((com + mirrored).argmax(1) == targets).sum().double()
         experts_correct = [(e.argmax(1) == targets).sum().double() for e in experts] or \
             [sums.new_tensor(0.0)] * 3

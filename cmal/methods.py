@@ -17,11 +17,15 @@ from cmal import engine
 METHODS = ("cmal", "baseline")
 
 
-def iteration_for(cfg):
-    """The function one training batch runs (engine.train_one_epoch's `iteration`)."""
+def iteration_for(cfg, cuda_graph=False):
+    """The function one training batch runs (engine.train_one_epoch's `iteration`); with
+    `cuda_graph`, CMAL-Net's replayed as a CUDA graph (the baseline's one pass stays eager)."""
     if cfg.method == "baseline":
         from cmal.baseline import baseline_train_step
         return baseline_train_step
+    if cuda_graph:
+        from cmal.cuda_graph import GraphedIteration
+        return GraphedIteration(cfg.ablation)
     # engine.train_step looked up at each call: tests/killer.py replaces it.
     if cfg.ablation == "none":
         return engine.train_step

@@ -23,6 +23,7 @@ from cmal.optimizer import SGD_IMPLS
 from cmal.tresnet import ABN_CHOICES
 
 AMP_CHOICES = ("none", "bf16", "fp16")
+CUDA_GRAPH_CHOICES = ("auto", "true", "false")
 
 
 def amp_dtype(amp):
@@ -153,6 +154,11 @@ class Settings:
     compile: bool = _setting(
         False, parse_bool, "torch.compile the network (the first iterations take minutes on a "
                            "GPU; the result is cached for later runs)", bare=True)
+    cuda_graph: str = _setting(
+        "auto", str, "replay each training iteration and test batch as one CUDA graph: the same "
+                     "function, a fraction of the kernel launches, which bound CMAL-Net's speed "
+                     "on a GPU. auto: on CUDA in one process without --compile or --amp=fp16; "
+                     "true; false (eager, as the reference)", choices=CUDA_GRAPH_CHOICES)
     sgd: str = _setting(
         "foreach", str, "how SGD updates the parameters, the same arithmetic: foreach (few "
                         "kernels), fused (one kernel per group) or loop (per parameter, as the "
@@ -239,7 +245,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "data_path", "workers", "device", "progress", "threads", "resume", "test_only", "overwrite",
     "extend", "tta_flip", "accept_new_holdout",
     "output_dir", "save_every", "check_images", "skip_bad_images", "max_image_pixels",
-    "test_batch_size", "deterministic", "sgd", "compile"})
+    "test_batch_size", "deterministic", "sgd", "compile", "cuda_graph"})
 # What a run records besides its checkpoints and logs: a resumed run keeps the checkpoint's
 # choice unless the command line gives one (it changes nothing computed).
 RECORDING = frozenset({"tensorboard"})
@@ -248,6 +254,28 @@ RECORDING = frozenset({"tensorboard"})
 EVALUATED_AS_TRAINED = frozenset({
     "num_classes", "layers", "width_factor", "head_mid", "head_features", "head_hidden",
     "image_size", "resize", "method", "ablation"})
+
+
+def cuda_graph_excluded(cfg):
+    """What in these settings rules out CUDA graphs ('' when nothing does): fp16's gradient
+    scaler and several processes synchronise with the host inside an iteration, and
+    --compile captures its own graphs."""
+    if cfg.amp == "fp16":
+        return "--amp=fp16 (its gradient scaler reads the gradients on the host)"
+    if cfg.compile:
+        return "--compile"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "several processes (torchrun)"
+    if cfg.device.startswith("cpu"):
+        return f"--device={cfg.device}"
+    return ""
+
+
+def use_cuda_graph(cfg, device):
+    """Whether a run on `device` replays its iterations and test batches as CUDA graphs."""
+    if cfg.cuda_graph == "false" or device.type != "cuda":
+        return False
+    return not cuda_graph_excluded(cfg)
 
 
 def given_on_command_line(argv):
@@ -431,6 +459,11 @@ def validate(cfg):
         problems.append("--extend continues a finished run and needs --resume (its output_dir's "
                         "last.pt) or --resume=PATH; add one, or leave out --extend to start a "
                         "new run")
+    if cfg.cuda_graph == "true":
+        why = cuda_graph_excluded(cfg)
+        if why:
+            problems.append(f"--cuda_graph=true cannot be used with {why}: leave it at auto or "
+                            "false")
     if cfg.tensorboard:
         from cmal.checkpoint import tensorboard_writer_class
         try:

@@ -27,6 +27,7 @@ from cmal import methods
 from cmal import settings
 from cmal.data import (DatasetError, build_loaders, holdout_change, holdout_method_of, mix_seed,
                        shutdown_workers)
+from cmal.cuda_graph import GraphedScores
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
 from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command,
                          unnamed_disk_full)
@@ -525,7 +526,11 @@ class Training:
         self.saver.start(self.state)
         self.net = self._wrap(model)
         self.progress = settings.show_progress(cfg) and dist.is_main()
-        self.iteration = methods.iteration_for(cfg)
+        graphs = settings.use_cuda_graph(cfg, device)
+        if cfg.cuda_graph == "true" and not graphs:
+            log(f"--cuda_graph=true: no CUDA graphs on {device}; every iteration runs eagerly")
+        self.iteration = methods.iteration_for(cfg, cuda_graph=graphs)
+        self.scores = GraphedScores(self.amp_dtype) if graphs else None
         log(f"{methods.describe(cfg)}: {len(loaders.train.dataset)} train / "
             + (f"{len(loaders.val.dataset)} validation / " if loaders.val else "")
             + f"{len(loaders.test.dataset)} test images, {len(classes)} classes, {cfg.epochs} "
@@ -586,7 +591,7 @@ class Training:
             ckpt_io.model_of(ckpt_io.load(path), path, self.device)
         test = evaluate(net, self.test_loader, self.criterion, self.device, self.amp_dtype,
                         self.cfg.channels_last, progress=self.progress,
-                        should_stop=lambda: stop.signal is not None)
+                        should_stop=lambda: stop.signal is not None, scores=self.scores)
         if test is None:
             return False
         state.final_test = test
@@ -636,7 +641,7 @@ class Training:
             t_test = time.time()
             scored = evaluate(self.net, self.selection_loader, self.criterion, self.device,
                               self.amp_dtype, cfg.channels_last, progress=self.progress,
-                              should_stop=lambda: stop.signal is not None)
+                              should_stop=lambda: stop.signal is not None, scores=self.scores)
             finished = scored is not None
             if finished:
                 scored["time"] = time.time() - t_test  # part of the epoch's "time" below
@@ -676,7 +681,9 @@ def test_only(cfg, device, ck, path, test_loader):
     result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device,
                       settings.amp_dtype(cfg.amp), cfg.channels_last,
                       progress=settings.show_progress(cfg) and dist.is_main(),
-                      num_classes=len(classes), flip=cfg.tta_flip)
+                      num_classes=len(classes), flip=cfg.tta_flip,
+                      scores=GraphedScores(settings.amp_dtype(cfg.amp))
+                      if settings.use_cuda_graph(cfg, device) else None)
     if cfg.method == "baseline":
         log(f"{path}: test acc {result['acc_combined']:.2f}% (one head) loss "
             f"{result['loss']:.4f} on {result['samples']} images")

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from cmal import checkpoint as ckpt_io
 from cmal import train
+from cmal.cuda_graph import GraphedIteration, GraphedScores
 from cmal.engine import train_step
 from cmal.model import compile_network
 from cmal.optimizer import make_optimizer
@@ -49,14 +50,14 @@ def _batch():
     return torch.randn(4, 3, 64, 64, generator=g).cuda(), torch.arange(4).cuda()
 
 
-def _steps(net, impl="loop", amp_dtype=None, iterations=2, runner=None):
+def _steps(net, impl="loop", amp_dtype=None, iterations=2, runner=None, step=train_step):
     optimizer = make_optimizer(net, lr=0.01, backbone_lr=0.01, impl=impl)
     x, y = _batch()
+    criterion = nn.CrossEntropyLoss()
     losses = []
     for seed in range(iterations):
         torch.manual_seed(seed)
-        losses.append(train_step(runner or net, optimizer, x, y, nn.CrossEntropyLoss(),
-                                 amp_dtype=amp_dtype))
+        losses.append(step(runner or net, optimizer, x, y, criterion, amp_dtype=amp_dtype))
     return losses
 
 
@@ -109,6 +110,36 @@ def test_compiled_iteration_equals_eager(amp_dtype):
     for e, g in zip(expected, got):
         for k in ("loss3", "loss_concat"):
             assert g[k] == pytest.approx(e[k], rel=rel), k
+
+
+@pytest.mark.parametrize("abn", ["native", pytest.param("inplace", marks=needs_inplace_abn)])
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_graph_replayed_iteration_equals_eager(abn, amp_dtype):
+    """The whole iteration captured as one CUDA graph (cmal/cuda_graph.py) and replayed: the
+    same losses as the eager iteration with the same (fused) SGD. Both run the same kernels;
+    fp32 allows for cuDNN's non-deterministic backward, bf16 for its roundings too."""
+    eager_net = _net(abn)
+    graphed_net = copy.deepcopy(eager_net)
+    expected = _steps(eager_net, "fused", amp_dtype, iterations=4)
+    step = GraphedIteration()
+    got = _steps(graphed_net, "fused", amp_dtype, iterations=4, step=step)
+    assert step.failed is None and step.captured is not None
+    rel = 1e-3 if amp_dtype is None else 2e-2
+    for e, g in zip(expected, got):
+        for k in ("loss1", "loss2", "loss3", "loss_att", "loss_concat"):
+            assert g[k] == pytest.approx(e[k], rel=rel), k
+
+
+def test_graph_replayed_scores_equal_evaluation_logits():
+    from cmal.engine import evaluation_logits
+    net = _net("native").eval()
+    scores = GraphedScores()
+    for size in (4, 4, 3):
+        x = torch.randn(size, 3, 64, 64, device="cuda")
+        want, got = evaluation_logits(net, x), scores(net, x)
+        assert scores.failed is None
+        for w, g in zip(want[:3], got[:3]):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
 def _run(data, out, *extra):

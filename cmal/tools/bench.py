@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from cmal import settings
 from cmal.distributed import pick_device
+from cmal.cuda_graph import GraphedIteration, GraphedScores
 from cmal.engine import evaluate, train_step
 from cmal.errors import run_command
 from cmal.model import build_cmal, compile_network
@@ -37,7 +38,7 @@ PROJECT = Path(__file__).resolve().parents[2]  # the folder that holds the cmal 
 # The settings of train.py that describe what is measured, with the benchmark's defaults.
 MEASURED = ("image_size", "batch_size", "num_classes", "device", "layers", "width_factor",
             "head_mid", "head_features", "head_hidden", "amp", "channels_last", "compile", "abn",
-            "sgd", "workers")
+            "sgd", "cuda_graph", "workers")
 DEFAULTS = {"image_size": 224, "batch_size": 4, "num_classes": 200, "workers": 2}
 
 
@@ -134,22 +135,29 @@ def measure(args):
     y = torch.arange(args.batch_size, device=device) % args.num_classes
     criterion = nn.CrossEntropyLoss()
     runner = compile_network(net) if args.compile else net
+    graphs = settings.use_cuda_graph(args, device)
     if args.mode == "train":
         optimizer = make_optimizer(net, impl=args.sgd)
+        step = GraphedIteration() if graphs else train_step
 
         def once():
-            train_step(runner, optimizer, x, y, criterion, amp_dtype=amp_dtype, scaler=scaler)
+            step(runner, optimizer, x, y, criterion, amp_dtype=amp_dtype, scaler=scaler)
     else:
         loader = [(x, y, 0)]
+        scores = GraphedScores(amp_dtype) if graphs else None
 
         def once():
-            evaluate(net, loader, criterion, device, amp_dtype, args.channels_last)
-    for _ in range(args.warmup):
-        once()
-    flops = _count_flops(once) if not args.compile else None
-    ops = _count_ops(once) if not args.compile else None
+            evaluate(net, loader, criterion, device, amp_dtype, args.channels_last, scores=scores)
+    # The peak from the first call on: a graph's memory is taken while it is captured.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # A graphed iteration runs its first call eagerly (until every parameter has a gradient)
+    # and captures on the second.
+    for _ in range(max(args.warmup, 2 if graphs else 0)):
+        once()
+    counted = not args.compile and not graphs  # a replay runs no operation the counters see
+    flops = _count_flops(once) if counted else None
+    ops = _count_ops(once) if counted else None
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(args.iters):
@@ -158,8 +166,12 @@ def measure(args):
     seconds = (time.perf_counter() - t0) / args.iters
     result = {"images_per_s": args.batch_size / seconds, "seconds_per_batch": seconds,
               "peak_mb": _peak_mb(device)}
+    if device.type == "cuda":  # what the process holds from the GPU's memory, cached blocks too
+        result["reserved_mb"] = torch.cuda.memory_reserved(device) / 2 ** 20
     if ops:
         result["ops"] = ops
+    if graphs:
+        result["graph"] = True
     if flops:
         result["gflop_per_image"] = flops / args.batch_size / 1e9
         result["gflops"] = flops / seconds / 1e9
@@ -182,18 +194,26 @@ def _child(argv, mode):
 # value; the reference's InPlaceABN is replaced by the pure ABN where inplace_abn is missing.
 COMPARED = [
     ("reference set-up: fp32, eager, InPlaceABN, SGD per parameter",
-     ["--amp=none", "--abn=inplace", "--sgd=loop"]),
-    ("fp32, foreach SGD", ["--amp=none", "--abn=inplace", "--sgd=foreach"]),
-    ("fp32, native ABN, foreach SGD, compile", ["--amp=none", "--abn=native", "--sgd=foreach",
-                                                "--compile"]),
-    ("bf16, native ABN, foreach SGD", ["--amp=bf16", "--abn=native", "--sgd=foreach"]),
+     ["--amp=none", "--abn=inplace", "--sgd=loop", "--cuda_graph=false"]),
+    ("fp32, eager, foreach SGD", ["--amp=none", "--abn=inplace", "--sgd=foreach",
+                                  "--cuda_graph=false"]),
+    ("fp32, native ABN, CUDA graph", ["--amp=none", "--abn=native", "--sgd=fused",
+                                      "--cuda_graph=true"]),
+    ("fp32, InPlaceABN, CUDA graph", ["--amp=none", "--abn=inplace", "--sgd=fused",
+                                      "--cuda_graph=true"]),
+    ("bf16, native ABN, eager, foreach SGD", ["--amp=bf16", "--abn=native", "--sgd=foreach",
+                                              "--cuda_graph=false"]),
+    ("bf16, native ABN, CUDA graph", ["--amp=bf16", "--abn=native", "--sgd=fused",
+                                      "--cuda_graph=true"]),
+    ("bf16, native ABN, CUDA graph, channels_last",
+     ["--amp=bf16", "--abn=native", "--sgd=fused", "--cuda_graph=true", "--channels_last"]),
+    ("fp32, native ABN, compile", ["--amp=none", "--abn=native", "--sgd=foreach", "--compile",
+                                   "--cuda_graph=false"]),
     ("bf16, native ABN, fused SGD, compile", ["--amp=bf16", "--abn=native", "--sgd=fused",
-                                              "--compile"]),
-    ("bf16, native ABN, fused SGD, compile, channels_last",
-     ["--amp=bf16", "--abn=native", "--sgd=fused", "--compile", "--channels_last"]),
+                                              "--compile", "--cuda_graph=false"]),
 ]
 _COMPARED_OPTIONS = ("--amp", "--abn", "--sgd", "--compile", "--channels_last", "--compare",
-                     "--rows")
+                     "--rows", "--cuda_graph")
 
 
 def compare(args, argv):
@@ -202,6 +222,8 @@ def compare(args, argv):
     common = [a for a in argv if not a.startswith(_COMPARED_OPTIONS)]
     if not inplace_abn_available():
         print("note: inplace_abn is not installed; the rows that name InPlaceABN use the pure ABN")
+    if pick_device(args.device).type != "cuda":
+        print("note: no CUDA device; the rows that name a CUDA graph run eagerly")
     print("| configuration | train_step img/s | vs reference | peak memory | ATen ops per "
           "iteration | evaluate img/s | vs reference |")
     print("|---|---|---|---|---|---|---|")
@@ -216,9 +238,11 @@ def compare(args, argv):
             print(f"| {label} | failed: {str(exc).strip().splitlines()[-1][:120]} | | | | | |")
             continue
         base = base or (train["images_per_s"], evaluation["images_per_s"])
-        ops = f"{train['ops']:,}" if "ops" in train else "compiled"
+        ops = f"{train['ops']:,}" if "ops" in train else \
+            "one graph" if train.get("graph") else "compiled"
+        held = f" ({train['reserved_mb'] / 1024:.2f} held)" if "reserved_mb" in train else ""
         print(f"| {label} | {train['images_per_s']:.2f} | {train['images_per_s'] / base[0]:.2f}x "
-              f"| {train['peak_mb'] / 1024:.2f} GiB | {ops} | {evaluation['images_per_s']:.2f} | "
+              f"| {train['peak_mb'] / 1024:.2f} GiB{held} | {ops} | {evaluation['images_per_s']:.2f} | "
               f"{evaluation['images_per_s'] / base[1]:.2f}x |", flush=True)
     return 0
 
@@ -315,7 +339,7 @@ def _describe(args, device, per_configuration=True):
     if per_configuration:
         line += (f", amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
                  f"abn {args.abn} ({abn_kind_for(args.abn, device, amp=args.amp != 'none')}), "
-                 f"sgd {args.sgd}")
+                 f"sgd {args.sgd}, cuda_graph {settings.use_cuda_graph(args, device)}")
     print(line)
 
 
