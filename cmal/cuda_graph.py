@@ -17,6 +17,7 @@ import torch
 
 from cmal import engine
 from cmal.optimizer import set_learning_rates
+from cmal.tresnet.abn import holds_inplace_abn
 
 WARMUP = 3  # eager iterations before capture (cuDNN, cuBLAS and autograd set themselves up)
 
@@ -82,6 +83,8 @@ class GraphedIteration:
             set_learning_rates(optimizer, epoch, nb_epoch)
         key = (net, optimizer, criterion, tuple(inputs.shape), inputs.stride(), inputs.dtype,
                amp_dtype)
+        if self.failed is None and holds_inplace_abn(net):
+            self.failed = _give_up(INPLACE_ABN)
         if scaler is not None or self.failed or not self._ready(net, optimizer):
             return engine.train_step(net, optimizer, inputs, targets, criterion,
                                      amp_dtype=amp_dtype, scaler=scaler, ablation=self.ablation)
@@ -154,6 +157,12 @@ class GraphedIteration:
         return graph, static
 
 
+# Seen on an H200 (torch 2.11, inplace-abn 1.1.0): capturing InPlaceABN's training kernels fails,
+# and a failed capture leaves the CUDA random generator unusable in that process.
+INPLACE_ABN = "the network has InPlaceABN layers, which a CUDA graph cannot hold; --abn=native " \
+    "or --abn=auto computes the same function in PyTorch operations"
+
+
 def _give_up(exc):
     why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
     warnings.warn(f"CUDA graph capture failed ({why}); running eagerly instead (the same "
@@ -173,6 +182,8 @@ class GraphedScores:
 
     def __call__(self, model, inputs):
         key = (model, tuple(inputs.shape), inputs.stride(), inputs.dtype)
+        if self.failed is None and holds_inplace_abn(model):
+            self.failed = _give_up(INPLACE_ABN)
         if self.failed:
             with engine._autocast(inputs.device, self.amp_dtype):
                 return engine.evaluation_logits(model, inputs)

@@ -130,19 +130,21 @@ def build_cmal(num_classes, weights=None, mid_channels=512, feature_channels=102
     return net
 
 
-def build_from_settings(cfg, device, weights=None):
+def build_from_settings(cfg, device, weights=None, cuda_graph=False):
     """The CMAL-Net (or with --method=baseline, the baseline) a run's settings describe, on
-    `device` (its ABN chosen for that device and --amp); `weights`: backbone weights for a new
-    run. Its `init_record` says what initialised it (see build_cmal)."""
+    `device` (its ABN chosen for that device, --amp and whether it runs in CUDA graphs);
+    `weights`: backbone weights for a new run. Its `init_record` says what initialised it (see
+    build_cmal)."""
+    abn = abn_kind_for(cfg.abn, device, amp=cfg.amp != "none", cuda_graph=cuda_graph)
     if cfg.method == "baseline":
         from cmal.baseline import build_baseline  # baseline.py imports the engine
         return build_baseline(cfg.num_classes, weights=weights or None, layers=cfg.layers,
                               width_factor=cfg.width_factor,
-                              abn=abn_kind_for(cfg.abn, device, amp=cfg.amp != "none")).to(device)
+                              abn=abn).to(device)
     return build_cmal(cfg.num_classes, weights=weights or None, mid_channels=cfg.head_mid,
                       feature_channels=cfg.head_features, hidden=cfg.head_hidden,
                       layers=cfg.layers, width_factor=cfg.width_factor,
-                      abn=abn_kind_for(cfg.abn, device, amp=cfg.amp != "none")).to(device)
+                      abn=abn).to(device)
 
 
 def unwrap(net):

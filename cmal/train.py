@@ -484,7 +484,9 @@ class Training:
         classes = loaders.classes
         self.amp_dtype = settings.amp_dtype(cfg.amp)
         self.criterion = nn.CrossEntropyLoss()
-        model = build_from_settings(cfg, device, weights=None if path else cfg.weights)
+        graphs = settings.use_cuda_graph(cfg, device)
+        model = build_from_settings(cfg, device, weights=None if path else cfg.weights,
+                                    cuda_graph=graphs)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -526,7 +528,6 @@ class Training:
         self.saver.start(self.state)
         self.net = self._wrap(model)
         self.progress = settings.show_progress(cfg) and dist.is_main()
-        graphs = settings.use_cuda_graph(cfg, device)
         if cfg.cuda_graph == "true" and not graphs:
             log(f"--cuda_graph=true: no CUDA graphs on {device}; every iteration runs eagerly")
         self.iteration = methods.iteration_for(cfg, cuda_graph=graphs)

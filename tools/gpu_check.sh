@@ -3,6 +3,8 @@
 #
 #   bash ../shared/gpu/device_kit.sh                  # here, once: .gpu-kit/ (inplace-abn source)
 #   OUT=gpu_out BUDGET_S=540 bash tools/gpu_check.sh  # there, from the project's root
+#   STEPS="tests demo" ... bash tools/gpu_check.sh     # only some of: build table tests demo
+#                                                     # compare rest make
 #
 # Every figure goes to $OUT/figures.md as it comes (and every command's output to $OUT/log.txt),
 # so a run stopped at its limit still returns what it measured. A step that would not fit in the
@@ -15,7 +17,10 @@ FIG="$OUT/figures.md" LOG="$OUT/log.txt"
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+STEPS=" ${STEPS:-build table tests demo compare rest make} "
+AMPS=${AMPS:-bf16 none}
 say() { echo "$*" | tee -a "$FIG"; }
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (less if less time is left),
 # its output into the log, its exit status and time into the figures.
@@ -42,32 +47,38 @@ table() {
 }
 
 say "# GPU checks, $(date -u '+%Y-%m-%d %H:%M UTC')"
-if [ -f .gpu-kit/setup.sh ]; then step "inplace-abn build" 150 bash .gpu-kit/setup.sh; fi
+if want build && [ -f .gpu-kit/setup.sh ]; then step "inplace-abn build" 150 bash .gpu-kit/setup.sh; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$FIG" 2>&1
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'cuda', torch.version.cuda)" >> "$FIG" 2>&1
 
 # 1. The table's reference row and fastest rows (reference set-up, fp32 graph, bf16 graph).
-table 0,2,5 240
+want table && table 0,2,4 240
 # 2. The CUDA tests (compile's, minutes long, last).
-step "pytest test_cuda (not compile)" 150 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_cuda.py tests/test_cuda_graph.py -k "not compiled" -rs
-keep '^(FAILED|ERROR|SKIPPED)|passed|failed'
+if want tests; then
+  step "pytest test_cuda (not compile)" 150 "$PY" -m pytest -q -p no:cacheprovider \
+      tests/test_cuda.py tests/test_cuda_graph.py -k "not compiled" -rs
+  keep '^(FAILED|ERROR|SKIPPED)|passed|failed'
+fi
 # 3. The demo on the GPU, with the defaults a user gets.
-step "demo (defaults)" 120 "$PY" -m cmal.tools.demo
-keep '^epoch|Warning|warn|Error' 12
+if want demo; then
+  step "demo (defaults)" 120 "$PY" -m cmal.tools.demo
+  keep '^epoch|Warning|warn|Error' 12
+fi
 # 4. Does bf16 learn as fp32 does? The demo over three seeds each.
-for amp in bf16 none; do
+want compare && for amp in $AMPS; do
   step "demo compare amp=$amp" 150 "$PY" -m cmal.tools.demo --compare --methods=cmal \
       --seeds=0,1,2 --amp="$amp" --compare_dir="Results_demo_compare_$amp"
   cat "Results_demo_compare_$amp/comparison.md" >> "$FIG" 2>/dev/null
 done
 # 5. The rest of the table.
-table 1,3,4,6 200
+want rest && table 1,3,5 200
 # 6. The whole suite, with the same command as on the CPU, for what time is left: make's
 # environment is the machine's own (nothing can be installed there).
-VENV=$("$PY" -c 'import sys; print(sys.prefix)')
-touch "$VENV/.setup-done"
-step "make test" 900 make test VENV="$VENV"
-keep '^(FAILED|ERROR)|passed|failed'
+if want make; then
+  VENV=$("$PY" -c 'import sys; print(sys.prefix)')
+  touch "$VENV/.setup-done"
+  step "make test" 900 make test VENV="$VENV"
+  keep '^(FAILED|ERROR)|passed|failed'
+fi
 say "done at $(date -u '+%H:%M:%S'), $(( deadline - $(date +%s) ))s of the budget left"

@@ -120,10 +120,12 @@ def measure(args):
     if args.mode == "matmul":
         return {"matmul_gflops": matmul_gflops(device)}
     torch.manual_seed(0)
+    graphs = settings.use_cuda_graph(args, device)
     net = build_cmal(args.num_classes, layers=args.layers,
                      width_factor=args.width_factor, mid_channels=args.head_mid,
                      feature_channels=args.head_features, hidden=args.head_hidden,
-                     abn=abn_kind_for(args.abn, device, amp=args.amp != "none"))
+                     abn=abn_kind_for(args.abn, device, amp=args.amp != "none",
+                                      cuda_graph=graphs))
     net = net.to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -135,7 +137,6 @@ def measure(args):
     y = torch.arange(args.batch_size, device=device) % args.num_classes
     criterion = nn.CrossEntropyLoss()
     runner = compile_network(net) if args.compile else net
-    graphs = settings.use_cuda_graph(args, device)
     if args.mode == "train":
         optimizer = make_optimizer(net, impl=args.sgd)
         step = GraphedIteration() if graphs else train_step
@@ -198,8 +199,6 @@ COMPARED = [
     ("fp32, eager, foreach SGD", ["--amp=none", "--abn=inplace", "--sgd=foreach",
                                   "--cuda_graph=false"]),
     ("fp32, native ABN, CUDA graph", ["--amp=none", "--abn=native", "--sgd=fused",
-                                      "--cuda_graph=true"]),
-    ("fp32, InPlaceABN, CUDA graph", ["--amp=none", "--abn=inplace", "--sgd=fused",
                                       "--cuda_graph=true"]),
     ("bf16, native ABN, eager, foreach SGD", ["--amp=bf16", "--abn=native", "--sgd=foreach",
                                               "--cuda_graph=false"]),

@@ -160,6 +160,11 @@ class NativeABN(PureABN):
         return y
 
 
+def holds_inplace_abn(net):
+    """Whether a network has an inplace_abn layer (which a CUDA graph cannot capture)."""
+    return InPlaceABN is not None and any(isinstance(m, InPlaceABN) for m in net.modules())
+
+
 def inplace_abn_available():
     return InPlaceABN is not None
 
@@ -171,13 +176,14 @@ ABN_KINDS = ("inplace", "pure", "native")
 ABN_CHOICES = ("auto",) + ABN_KINDS
 
 
-def abn_kind_for(choice, device, amp=False):
+def abn_kind_for(choice, device, amp=False, cuda_graph=False):
     """The ABN kind an --abn setting builds on a device.
 
     auto: on the CPU the pure ABN (inplace_abn's CPU backward is a single-threaded loop); on
     CUDA the native one under mixed precision (InPlaceABN computes in float32, converting every
     activation up and back; under bf16 it took 48 % of the GPU time in the team's H100 profile)
-    and InPlaceABN in float32, where it saves memory.
+    or with CUDA graphs (InPlaceABN cannot be captured in one: seen on an H200), and InPlaceABN
+    in eager float32, where it saves memory.
     """
     if choice not in ABN_CHOICES:
         raise ValueError(f"--abn must be one of {', '.join(ABN_CHOICES)}, got {choice!r}")
@@ -194,7 +200,7 @@ def abn_kind_for(choice, device, amp=False):
         return choice
     if device.type == "cpu":
         return "pure"
-    if amp:
+    if amp or cuda_graph:
         return "native"
     kind = default_abn_kind()
     if kind == "inplace" and device.type == "cuda":
