@@ -6,4 +6,4 @@ iteration, one epoch, one evaluation), `cmal.train` (a whole run), `cmal.setting
 training's layout, and its boxes.csv), `cmal.tresnet` (the backbone) and `cmal.tools` (the side
 tools, each run as `python -m cmal.tools.NAME`).
 """
-__version__ = "1.1.0"
+__version__ = "1.3.0"

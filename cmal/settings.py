@@ -184,7 +184,7 @@ class Settings:
         "auto", str, "activated batch norm, the same function in three implementations: inplace "
                      "(inplace_abn, least memory), pure (PyTorch, InPlaceABN's rounding), native "
                      "(PyTorch's batch norm in the --amp dtype, fused by --compile) or auto (pure "
-                     "on the CPU; on CUDA native with --amp, inplace without)",
+                     "on the CPU; on CUDA native with --amp or CUDA graphs, else inplace)",
         choices=ABN_CHOICES)
     skip_bad_images: bool = _setting(
         False, parse_bool, "skip unreadable images with a warning instead of stopping",

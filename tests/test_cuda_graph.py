@@ -149,3 +149,31 @@ def test_evaluate_with_replayed_scores_reports_the_same():
     got = engine.evaluate(copy.deepcopy(net), loader, nn.CrossEntropyLoss(), num_classes=4,
                           flip=True, scores=GraphedScores(graph=ReplayByCalling))
     assert want == got
+
+
+def test_a_network_a_graph_cannot_hold_runs_eagerly_and_says_why(monkeypatch):
+    import cmal.cuda_graph
+    monkeypatch.setattr(cmal.cuda_graph, "holds_inplace_abn", lambda net: True)
+    batches = _batches(3)
+    _, _, eager = _train(engine.train_step, batches)
+    step = GraphedIteration(graph=ReplayByCalling)
+    with pytest.warns(UserWarning, match="InPlaceABN.*--abn=native"):
+        _, _, got = _train(step, batches)
+    assert step.captured is None
+    assert [e["loss_concat"] for e in eager] == [g["loss_concat"] for g in got]
+
+
+def test_where_cuda_graphs_run():
+    from cmal import settings
+    from cmal.tresnet import abn_kind_for
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = settings.Settings(data_path="data")
+    assert settings.use_cuda_graph(cfg, cuda) and not settings.use_cuda_graph(cfg, cpu)
+    for change in ({"cuda_graph": "false"}, {"amp": "fp16"}, {"compile": True}):
+        assert not settings.use_cuda_graph(settings.Settings(data_path="d", **change), cuda)
+    assert settings.use_cuda_graph(settings.Settings(data_path="d", amp="bf16"), cuda)
+    problems = settings.validate(settings.Settings(data_path="d", cuda_graph="true", amp="fp16"))
+    assert any("--cuda_graph=true" in p and "--amp=fp16" in p for p in problems)
+    # InPlaceABN cannot be captured: where graphs run, --abn=auto builds the native ABN.
+    assert abn_kind_for("auto", cuda, cuda_graph=True) == "native"
+    assert abn_kind_for("auto", cpu, cuda_graph=True) == "pure"
