@@ -31,10 +31,11 @@ from cmal.cuda_graph import GraphedScores
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
 from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command,
                          unnamed_disk_full)
-from cmal.model import build_from_settings, compile_network
+from cmal.inference import model_of
+from cmal.model import compile_network
 from cmal.optimizer import (load_optimizer_state, make_optimizer, set_hyperparameters,
                             set_learning_rates, zero_fill_grads)
-from cmal.tresnet import resolve_weights
+from cmal.tresnet.weights import resolve_weights
 from cmal.tresnet.weights import init_lines
 
 
@@ -59,20 +60,12 @@ def log(*args):
 
 
 def epoch_line(record, cfg, best):
-    baseline = cfg.method == "baseline"  # one loss, one test accuracy
+    method = methods.method_of(cfg)
     line = (f"epoch {record['epoch'] + 1:3d}/{cfg.epochs} | train acc {record['train_acc']:6.2f}% "
-            f"loss {record['train_loss']:.4f}")
-    if not baseline:
-        line += (f" (e1 {record['loss1']:.3f} e2 {record['loss2']:.3f} e3 {record['loss3']:.3f} "
-                 f"att {record['loss_att']:.3f} concat {record['loss_concat']:.3f})")
+            f"loss {record['train_loss']:.4f}" + method.losses_text(record))
     t = ckpt_io.evaluated(record)
-    split = "val" if record.get("val") else "test"
-    if t and baseline:
-        line += f" | {split} acc {t['acc_combined']:6.2f}% (best {best:.2f}%)"
-    elif t:
-        line += (f" | {split} concat {t['acc_concat']:6.2f}% com2 {t['acc_com2']:6.2f}% combined "
-                 f"{t['acc_combined']:6.2f}% (best {best:.2f}%) experts "
-                 + "/".join(f"{t[f'acc_expert{i}']:.2f}" for i in (1, 2, 3)) + "%")
+    if t:
+        line += " | " + method.scores_text(t, best, "val" if record.get("val") else "test")
     if record.get("skipped"):
         line += f" | {record['skipped']} bad images skipped"
     return line + f" | {record['time']:.0f}s"
@@ -156,7 +149,7 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
             state.stats = {**new_epoch_stats(), "position": state.stats["position"]}
     log(f"resumed from {path}: epoch {state.epoch + 1}"
         + (f", batch {state.stats['position']}" if state.stats else "")
-        + f", best {methods.headline(cfg)} "
+        + f", best {methods.method_of(cfg).headline} "
         + f"{selection_split(cfg)} accuracy {state.best_acc:.2f}%")
     return state
 
@@ -301,7 +294,7 @@ def finished_line(cfg, ck, path):
     out_dir = Path(cfg.output_dir)
     how = "--resume" if _same_file(path, out_dir / "last.pt") else f"--resume={path}"
     return (f"{path} holds a finished run of {cfg.epochs} epochs: best "
-            f"{methods.headline(cfg)} {selection_split(cfg)} accuracy {ck['best_acc']:.2f}%"
+            f"{methods.method_of(cfg).headline} {selection_split(cfg)} accuracy {ck['best_acc']:.2f}%"
             + (f" at epoch {best + 1}" if best is not None else "")
             + (f", its test accuracy (scored once) {final['acc_combined']:.2f}%" if final else "")
             + f"; nothing to train, nothing written. To train it further: {how} --extend "
@@ -485,8 +478,9 @@ class Training:
         self.amp_dtype = settings.amp_dtype(cfg.amp)
         self.criterion = nn.CrossEntropyLoss()
         graphs = settings.use_cuda_graph(cfg, device)
-        model = build_from_settings(cfg, device, weights=None if path else cfg.weights,
-                                    cuda_graph=graphs)
+        self.method = methods.method_of(cfg)
+        model = self.method.build(cfg, device, weights=None if path else cfg.weights,
+                                  cuda_graph=graphs)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -530,9 +524,9 @@ class Training:
         self.progress = settings.show_progress(cfg) and dist.is_main()
         if cfg.cuda_graph == "true" and not graphs:
             log(f"--cuda_graph=true: no CUDA graphs on {device}; every iteration runs eagerly")
-        self.iteration = methods.iteration_for(cfg, cuda_graph=graphs)
+        self.iteration = self.method.iteration(cfg, cuda_graph=graphs)
         self.scores = GraphedScores(self.amp_dtype) if graphs else None
-        log(f"{methods.describe(cfg)}: {len(loaders.train.dataset)} train / "
+        log(f"{self.method.describe(cfg)}: {len(loaders.train.dataset)} train / "
             + (f"{len(loaders.val.dataset)} validation / " if loaders.val else "")
             + f"{len(loaders.test.dataset)} test images, {len(classes)} classes, {cfg.epochs} "
             f"epochs, batch {cfg.batch_size}, device {device}"
@@ -573,9 +567,9 @@ class Training:
                 return stop.exit_status()
         self.saver.end_run(self.state, scored_now)
         best = self.state
-        log(f"done: best {methods.headline(cfg)} {selection_split(cfg)} accuracy {best.best_acc:.2f}%"
+        log(f"done: best {methods.method_of(cfg).headline} {selection_split(cfg)} accuracy {best.best_acc:.2f}%"
             + (f" at epoch {best.best_epoch + 1}" if best.best_epoch is not None else "")
-            + (f"; its test accuracy (scored once): {methods.headline(cfg)} "
+            + (f"; its test accuracy (scored once): {methods.method_of(cfg).headline} "
                f"{best.final_test['acc_combined']:.2f}%" if best.final_test else "")
             + f"; checkpoints and logs in {out_dir}")
         return 0
@@ -589,7 +583,7 @@ class Training:
         path, state = Path(self.cfg.output_dir) / "best.pt", self.state
         # A network of its own: the run's keeps the last epoch's weights, which last.pt holds.
         net = self.net if state.best_epoch is None else \
-            ckpt_io.model_of(ckpt_io.load(path), path, self.device)
+            model_of(ckpt_io.load(path), path, self.device)
         test = evaluate(net, self.test_loader, self.criterion, self.device, self.amp_dtype,
                         self.cfg.channels_last, progress=self.progress,
                         should_stop=lambda: stop.signal is not None, scores=self.scores)
@@ -600,10 +594,7 @@ class Training:
                  if state.best_epoch is not None else
                  f"the last epoch's network ({state.epoch}; no epoch scored above 0 % on "
                  "validation, so there is no best.pt)")
-        scores = (f"acc {test['acc_combined']:.2f}%" if self.cfg.method == "baseline" else
-                  f"concat {test['acc_concat']:.2f}% com2 {test['acc_com2']:.2f}% combined "
-                  f"{test['acc_combined']:.2f}%")
-        log(f"{which} on test, scored once: {scores}")
+        log(f"{which} on test, scored once: {self.method.final_text(test)}")
         return True
 
     def epoch(self, epoch, stop):
@@ -678,23 +669,16 @@ def test_only(cfg, device, ck, path, test_loader):
     if report.exists() and any(report.iterdir()) and not cfg.overwrite:
         raise ckpt_io.CheckpointError(f"{report} already holds an evaluation report: pass "
                                       "--overwrite to replace it, or move it away")
-    model = ckpt_io.model_of(ck, path, device)
+    model = model_of(ck, path, device)
     result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device,
                       settings.amp_dtype(cfg.amp), cfg.channels_last,
                       progress=settings.show_progress(cfg) and dist.is_main(),
                       num_classes=len(classes), flip=cfg.tta_flip,
                       scores=GraphedScores(settings.amp_dtype(cfg.amp))
                       if settings.use_cuda_graph(cfg, device) else None)
-    if cfg.method == "baseline":
-        log(f"{path}: test acc {result['acc_combined']:.2f}% (one head) loss "
-            f"{result['loss']:.4f} on {result['samples']} images")
-    else:
-        log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
-            f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
-            f"{result['samples']} images; experts 1, 2, 3 alone "
-            + ", ".join(f"{result[f'acc_expert{i}']:.2f}%" for i in (1, 2, 3)))
+    log(f"{path}: {methods.method_of(cfg).test_only_text(result)}")
     rows = per_class_rows(classes, result["confusion"])
-    kind = methods.headline(cfg)
+    kind = methods.method_of(cfg).headline
     log(f"beyond the paper's protocol: top-5 ({kind}) {result['acc_top5_combined']:.2f}%, "
         f"mean per-class ({kind}) {mean_class_accuracy(rows):.2f}%"
         + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"

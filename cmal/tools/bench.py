@@ -31,7 +31,7 @@ from cmal.engine import evaluate, train_step
 from cmal.errors import run_command
 from cmal.model import build_cmal, compile_network
 from cmal.optimizer import make_optimizer
-from cmal.tresnet import abn_kind_for, inplace_abn_available
+from cmal.tresnet.abn import abn_kind_for, inplace_abn_available
 
 PROJECT = Path(__file__).resolve().parents[2]  # the folder that holds the cmal package
 
