@@ -41,8 +41,8 @@ def test_compare_prints_a_table_against_the_reference_set_up():
                "--batch_size=2", "--iters=1", "--warmup=0", "--device=cpu", "--threads=1")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "img/s" not in line]
     assert [r.split(" | ")[0] for r in rows] == ["| reference set-up: fp32, eager, InPlaceABN, "
-                                                 "SGD per parameter", "| fp32, foreach SGD",
-                                                 "| bf16, native ABN, foreach SGD"], out
+                                                 "SGD per parameter", "| fp32, eager, foreach SGD",
+                                                 "| bf16, native ABN, eager, foreach SGD"], out
     number = r"[\d.]+"
     for row in rows:
         assert re.fullmatch(rf"\| .+ \| {number} \| {number}x \| {number} GiB \| [\d,]+ \| "
