@@ -232,13 +232,13 @@ def test_every_command_shown_exists_with_its_options(helps):
     for c in all_commands():
         for t in c.make_targets:
             if t not in targets:
-                problems.append(f"{c.where()}: `make {t}`: no such target in the Makefile")
+                problems.append(f"{c.where()}: the Makefile has no target {t}")
         for p in c.paths:
             if not path_exists(p):
                 problems.append(f"{c.where()}: {p} does not exist")
         if c.target:
             known = helps[(c.target, c.mode)] | (helps[(c.target, ())] if c.mode else set())
-            shown = " ".join(c.target + c.mode) + " --help"
+            shown = " ".join(("python",) * (c.target[0] == "-m") + c.target + c.mode) + " --help"
             for option in c.options:
                 if option not in known:
                     problems.append(f"{c.where()}: {option} is not an option of {shown}")
@@ -279,8 +279,8 @@ def test_links_and_pictures_resolve():
             target = (doc.parent / file).resolve() if file else doc
             line = text.count("\n", 0, match.start()) + 1
             if not target.exists():
-                problems.append(f"{relative(doc)}: ({link}) near line {line}: no such file")
+                problems.append(f"{relative(doc)}:{line}: ({link}): no such file")
             elif anchor and anchor not in anchors(target):
-                problems.append(f"{relative(doc)}: ({link}) near line {line}: no heading "
+                problems.append(f"{relative(doc)}:{line}: ({link}): no heading "
                                 f"#{anchor} in {target.relative_to(ROOT)}")
     assert not problems, "\n".join(problems)
