@@ -22,7 +22,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -81,11 +80,14 @@ def shown_text(path):
     return sorted(found)
 
 
+@lru_cache(maxsize=None)
 def console_scripts():
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    return {name: target.split(":")[0] for name, target in scripts.items()}
+    """{cmal-NAME: its module}, from pyproject.toml's [project.scripts] (no tomllib on 3.10)."""
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
+    return dict(re.findall(r'^([\w-]+)\s*=\s*"([\w.]+):\w+"', section, re.M))
 
 
+@lru_cache(maxsize=None)
 def tool_modules():
     return {p.stem for p in (ROOT / "cmal" / "tools").glob("*.py") if not p.stem.startswith("_")}
 
