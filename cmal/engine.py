@@ -7,7 +7,7 @@ import contextlib
 import torch
 from tqdm import tqdm
 
-from cmal import distributed as dist
+from cmal import distributed
 from cmal.distributed import unwrap
 from cmal.errors import NON_FINITE_FIXES, NonFiniteError  # noqa: F401 (engine's API)
 from cmal.methods import ABLATIONS
@@ -163,8 +163,8 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
         # BatchNorm1d needs two samples (fewer remain when bad files were skipped); under DDP
         # every process must skip the same iterations, or their collectives would mismatch.
         too_small = inputs.shape[0] < 2
-        if dist.is_distributed():
-            too_small = dist.all_reduce_sum([float(too_small)])[0] > 0
+        if distributed.is_distributed():
+            too_small = distributed.all_reduce_sum([float(too_small)])[0] > 0
         if too_small:
             if after_batch is not None and after_batch(stats):
                 return stats, False
@@ -196,7 +196,7 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
 def reduce_stats(stats):
     """The epoch's running sums added over processes (the position is the same on all)."""
     keys = [k for k in stats if k != "position"]
-    return {"position": stats["position"], **dict(zip(keys, dist.all_reduce_sum(
+    return {"position": stats["position"], **dict(zip(keys, distributed.all_reduce_sum(
         [stats[k] for k in keys])))}
 
 
@@ -287,7 +287,7 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
                              loss.double(), sums.new_tensor(len(targets)), top5, flipped,
                              *experts_correct])
     # Ranks hold different numbers of test batches: agree on stopping only after the loop.
-    *totals, stopped = dist.all_reduce_sum(sums.tolist() + confusion.tolist() + [float(stopped)])
+    *totals, stopped = distributed.all_reduce_sum(sums.tolist() + confusion.tolist() + [float(stopped)])
     if stopped:
         return None
     correct_concat, correct_com2, correct_com, loss_sum, n, top5, flipped = totals[:7]

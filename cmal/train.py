@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from cmal import checkpoint as ckpt_io
-from cmal import distributed as dist
+from cmal import distributed
 from cmal import methods
 from cmal import settings
 from cmal.data import (DatasetError, build_loaders, holdout_change, holdout_method_of, mix_seed,
@@ -55,7 +55,7 @@ def selection_split(cfg):
 
 
 def log(*args):
-    if dist.is_main():
+    if distributed.is_main():
         print(*args, flush=True)
 
 
@@ -87,7 +87,7 @@ class StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        if dist.is_main():  # os.write: print() is not safe inside a signal handler
+        if distributed.is_main():  # os.write: print() is not safe inside a signal handler
             os.write(1, f"\n{self.signal} received: stopping after this iteration and saving a "
                         "checkpoint (send it again to stop at once)\n".encode())
 
@@ -97,7 +97,7 @@ class StopRequest:
 
     def requested(self):
         local = self.signal is not None
-        return dist.all_reduce_sum([float(local)])[0] > 0 if dist.is_distributed() else local
+        return distributed.all_reduce_sum([float(local)])[0] > 0 if distributed.is_distributed() else local
 
     @property
     def name(self):
@@ -145,7 +145,7 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
     zero_fill_grads(model)
     if state.stats:  # the batch size and seed are the checkpoint's (settings_of_checkpoint)
         ckpt_io.restore_rng(ck["rng"])
-        if not dist.is_main():  # the saved sums cover all processes: count them once
+        if not distributed.is_main():  # the saved sums cover all processes: count them once
             state.stats = {**new_epoch_stats(), "position": state.stats["position"]}
     log(f"resumed from {path}: epoch {state.epoch + 1}"
         + (f", batch {state.stats['position']}" if state.stats else "")
@@ -170,9 +170,9 @@ def run(cfg, given=frozenset()):
     The output folder is checked and locked first, then the data scanned: a run that cannot
     save stops before any expensive work. Loader processes end with the run, however it ends.
     """
-    device = dist.setup_device(cfg)
+    device = distributed.setup_device(cfg)
     lock = None
-    if not cfg.test_only and dist.is_main():
+    if not cfg.test_only and distributed.is_main():
         lock = ckpt_io.RunLock(cfg.output_dir).acquire()
     try:
         path = evaluated_path(cfg) if cfg.test_only else resume_path(cfg)
@@ -194,7 +194,7 @@ def run(cfg, given=frozenset()):
         # another --data_path, not another --num_classes.
         scanned = cfg if ck is None else replace(cfg, num_classes=None)
         resumed = None if cfg.test_only else ck
-        loaders = build_loaders(scanned, dist.rank(), dist.world_size(),
+        loaders = build_loaders(scanned, distributed.rank(), distributed.world_size(),
                                 pin_memory=device.type == "cuda",
                                 holdout_method=holdout_method_of(resumed))
         try:
@@ -444,9 +444,9 @@ def _run(cfg, device, path, ck, loaders, overwrites=False):
     if cfg.test_only:
         return test_only(cfg, device, ck, path, loaders.test)
     if not path and cfg.weights:
-        if dist.is_main():  # one download, not one per process
+        if distributed.is_main():  # one download, not one per process
             resolve_weights(cfg.weights)
-        dist.barrier()
+        distributed.barrier()
     try:
         return Training(cfg, device, path, ck, loaders, overwrites).fit()
     except (OSError, RuntimeError) as exc:  # TensorBoard's writer names no file
@@ -496,7 +496,7 @@ class Training:
         for line in init_lines(self.init):
             log(line)
         self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
-                                      classes, writes=dist.is_main(), init=self.init,
+                                      classes, writes=distributed.is_main(), init=self.init,
                                       holdout=loaders.holdout)
         best = Path(cfg.output_dir) / "best.pt"
         if self.validated() and self.state.best_epoch is not None and (
@@ -514,14 +514,14 @@ class Training:
         if overwrites:
             # --overwrite: only now, with the data scanned and the weights and the checkpoint
             # read, so that a mistake in this run's inputs leaves the previous run whole.
-            if dist.is_main():
+            if distributed.is_main():
                 removed = ckpt_io.clear_run_files(cfg.output_dir)
                 log(f"--overwrite: removed the previous run's {', '.join(removed)} from "
                     f"{cfg.output_dir}")
-            dist.barrier()
+            distributed.barrier()
         self.saver.start(self.state)
         self.net = self._wrap(model)
-        self.progress = settings.show_progress(cfg) and dist.is_main()
+        self.progress = settings.show_progress(cfg) and distributed.is_main()
         if cfg.cuda_graph == "true" and not graphs:
             log(f"--cuda_graph=true: no CUDA graphs on {device}; every iteration runs eagerly")
         self.iteration = self.method.iteration(cfg, cuda_graph=graphs)
@@ -530,11 +530,11 @@ class Training:
             + (f"{len(loaders.val.dataset)} validation / " if loaders.val else "")
             + f"{len(loaders.test.dataset)} test images, {len(classes)} classes, {cfg.epochs} "
             f"epochs, batch {cfg.batch_size}, device {device}"
-            + (f" x {dist.world_size()} processes" if dist.is_distributed() else ""))
+            + (f" x {distributed.world_size()} processes" if distributed.is_distributed() else ""))
 
     def _wrap(self, model):
         net = model
-        if dist.is_distributed():
+        if distributed.is_distributed():
             # Each of the five passes uses only part of the heads: the others get no gradient.
             net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -609,7 +609,7 @@ class Training:
         # Every iteration sets these rates again; set here too, an epoch resumed with no batch
         # left (stopped in its evaluation) would record and save the base rates of `restore`.
         set_learning_rates(self.optimizer, epoch, cfg.epochs)
-        per_rank_batch = cfg.batch_size // dist.world_size()
+        per_rank_batch = cfg.batch_size // distributed.world_size()
         self.train_loader.sampler.set_epoch(epoch, start=stats["position"] * per_rank_batch)
         t0 = time.time()
 
@@ -625,7 +625,7 @@ class Training:
             cfg.epochs, stats=stats, amp_dtype=self.amp_dtype, scaler=self.scaler,
             channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress,
             iteration=self.iteration)
-        dist.broadcast_buffers(self.model)
+        distributed.broadcast_buffers(self.model)
         scored = None
         if finished and should_evaluate(epoch, cfg):
             # A signal during evaluation stops it: the epoch's training is saved below and the
@@ -672,7 +672,7 @@ def test_only(cfg, device, ck, path, test_loader):
     model = model_of(ck, path, device)
     result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device,
                       settings.amp_dtype(cfg.amp), cfg.channels_last,
-                      progress=settings.show_progress(cfg) and dist.is_main(),
+                      progress=settings.show_progress(cfg) and distributed.is_main(),
                       num_classes=len(classes), flip=cfg.tta_flip,
                       scores=GraphedScores(settings.amp_dtype(cfg.amp))
                       if settings.use_cuda_graph(cfg, device) else None)
@@ -683,7 +683,7 @@ def test_only(cfg, device, ck, path, test_loader):
         f"mean per-class ({kind}) {mean_class_accuracy(rows):.2f}%"
         + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"
            if cfg.tta_flip else ""))
-    if dist.is_main():
+    if distributed.is_main():
         try:
             written = write_evaluation_report(report, classes, result["confusion"], rows)
         except (WriteError, OSError) as exc:
@@ -717,7 +717,7 @@ def main(defaults=None, argv=None, description=None):
     try:
         return run_command(run, cfg, given, on_interrupt=lambda: stopped)
     finally:
-        dist.shutdown()
+        distributed.shutdown()
 
 
 def main_from_script(script_globals, argv=None):
