@@ -2,7 +2,6 @@
 
 Every entry point (the three dataset scripts, train.py, the demo, the benchmark) calls these.
 """
-import contextlib
 
 import torch
 from tqdm import tqdm
@@ -12,6 +11,7 @@ from cmal.distributed import unwrap
 from cmal.errors import NON_FINITE_FIXES, NonFiniteError  # noqa: F401 (engine's API)
 from cmal.methods import ABLATIONS
 from cmal.optimizer import set_learning_rates
+from cmal.precision import Precision
 from cmal.scores import attention_maps
 from cmal.utils import attention_im, highlight_im
 
@@ -19,11 +19,7 @@ LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
 
 
 def _autocast(device, amp_dtype, cache=True):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    # cache=False inside a CUDA graph capture: autocast's cache of cast weights would be freed
-    # memory at replay.
-    return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache)
+    return Precision.of_dtype(amp_dtype, device).autocast(cache)
 
 
 def optimisation_step(net, optimizer, x, pick_loss, amp_dtype=None, scaler=None,

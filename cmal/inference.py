@@ -15,6 +15,7 @@ from cmal import checkpoint as ckpt_io
 from cmal.data import BadImageError, allow_images_up_to, build_transforms, is_image_file, load_rgb
 from cmal.errors import UserError
 from cmal import methods
+from cmal.precision import Precision
 from cmal.settings import Settings, parse_bool
 
 class ToolError(UserError):
@@ -72,10 +73,12 @@ def load_trained(path, device="cpu"):
     return model_of(ck, path, device), ck["classes"], settings_of(ck)
 
 
-def model_of(ck, path, device="cpu"):
-    """The trained network of a loaded checkpoint `ck` (read from `path`), in eval mode."""
+def model_of(ck, path, device="cpu", precision=None):
+    """The trained network of a loaded checkpoint `ck` (read from `path`), in eval mode, built
+    for `precision` (by default the checkpoint's --amp on `device`)."""
     cfg = settings_of(ck)
-    model = methods.method_of(cfg).build(cfg, device)
+    precision = precision or Precision(cfg.amp, device)
+    model = methods.method_of(cfg).build(cfg, precision)
     ckpt_io.load_model_state(model, ck, path)
     return model.eval()
 

@@ -15,8 +15,6 @@ Adding a method is one entry here and one module.
 import importlib
 from dataclasses import dataclass
 
-from cmal.tresnet.abn import abn_kind_for
-
 # Variants of CMAL-Net's iteration (--ablation). none: the reference's. no_crops: no attention
 # crops, every pass on the raw batch (no attention maps are computed; the two flags are still
 # drawn, so the random stream stays the reference's). no_joint_crop: step 5 (all heads on the
@@ -36,11 +34,12 @@ class Method:
     def implementation(self):
         return importlib.import_module(self.module)
 
-    def build(self, cfg, device, weights=None, cuda_graph=False):
-        """The network a run's settings describe, on `device`, its ABN chosen for the device,
-        --amp and whether it runs in CUDA graphs; `weights`: backbone weights for a new run."""
-        abn = abn_kind_for(cfg.abn, device, amp=cfg.amp != "none", cuda_graph=cuda_graph)
-        return self.implementation().build(cfg, abn, weights or None).to(device)
+    def build(self, cfg, precision, weights=None, cuda_graph=False):
+        """The network a run's settings describe, on the device of `precision` (a
+        precision.Precision), its ABN chosen for that device and precision and whether it runs
+        in CUDA graphs; `weights`: backbone weights for a new run."""
+        abn = precision.abn_kind(cfg.abn, cuda_graph=cuda_graph)
+        return self.implementation().build(cfg, abn, weights or None).to(precision.device)
 
     def iteration(self, cfg, cuda_graph=False):
         """The function one training batch runs (engine.train_one_epoch's `iteration`)."""

@@ -13,12 +13,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 
 from cmal.data import CHECKS
 from cmal.errors import UserError
 from cmal.methods import ABLATIONS, METHODS, REGISTRY
 from cmal.optimizer import SGD_IMPLS
+from cmal.precision import DTYPES
 from cmal.tresnet.abn import ABN_CHOICES
 
 AMP_CHOICES = ("none", "bf16", "fp16")
@@ -27,7 +27,7 @@ CUDA_GRAPH_CHOICES = ("auto", "true", "false")
 
 def amp_dtype(amp):
     """The autocast dtype of an --amp setting (None: float32)."""
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return DTYPES[amp]
 
 
 class SettingsError(UserError):

@@ -33,6 +33,7 @@ from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command
                          unnamed_disk_full)
 from cmal.inference import model_of
 from cmal.model import compile_network
+from cmal.precision import Precision
 from cmal.optimizer import (load_optimizer_state, make_optimizer, set_hyperparameters,
                             set_learning_rates, zero_fill_grads)
 from cmal.tresnet.weights import resolve_weights
@@ -475,18 +476,19 @@ class Training:
         # Where best.pt is chosen: a validation split (--val_split), else test (the reference).
         self.selection_loader = loaders.test if loaders.val is None else loaders.val
         classes = loaders.classes
-        self.amp_dtype = settings.amp_dtype(cfg.amp)
+        self.precision = Precision(cfg.amp, device)  # from the checkpoint's settings on resume
+        self.amp_dtype = self.precision.dtype
         self.criterion = nn.CrossEntropyLoss()
         graphs = settings.use_cuda_graph(cfg, device)
         self.method = methods.method_of(cfg)
-        model = self.method.build(cfg, device, weights=None if path else cfg.weights,
+        model = self.method.build(cfg, self.precision, weights=None if path else cfg.weights,
                                   cuda_graph=graphs)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum,
                                         cfg.weight_decay, cfg.sgd)
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        self.scaler = self.precision.new_scaler()
         self.state = restore(ck, path, cfg, classes, model, self.optimizer, self.scaler) \
             if ck is not None else ckpt_io.RunState()
         # What initialised the network: this run's backbone weights, or for a resumed run what it
@@ -583,7 +585,7 @@ class Training:
         path, state = Path(self.cfg.output_dir) / "best.pt", self.state
         # A network of its own: the run's keeps the last epoch's weights, which last.pt holds.
         net = self.net if state.best_epoch is None else \
-            model_of(ckpt_io.load(path), path, self.device)
+            model_of(ckpt_io.load(path), path, self.device, self.precision)
         test = evaluate(net, self.test_loader, self.criterion, self.device, self.amp_dtype,
                         self.cfg.channels_last, progress=self.progress,
                         should_stop=lambda: stop.signal is not None, scores=self.scores)
@@ -669,12 +671,14 @@ def test_only(cfg, device, ck, path, test_loader):
     if report.exists() and any(report.iterdir()) and not cfg.overwrite:
         raise ckpt_io.CheckpointError(f"{report} already holds an evaluation report: pass "
                                       "--overwrite to replace it, or move it away")
-    model = model_of(ck, path, device)
-    result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device,
-                      settings.amp_dtype(cfg.amp), cfg.channels_last,
+    # One precision for the network's ABN and the evaluation's autocast: this command's --amp.
+    precision = Precision(cfg.amp, device)
+    model = model_of(ck, path, device, precision)
+    result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device, precision.dtype,
+                      cfg.channels_last,
                       progress=settings.show_progress(cfg) and distributed.is_main(),
                       num_classes=len(classes), flip=cfg.tta_flip,
-                      scores=GraphedScores(settings.amp_dtype(cfg.amp))
+                      scores=GraphedScores(precision.dtype)
                       if settings.use_cuda_graph(cfg, device) else None)
     log(f"{path}: {methods.method_of(cfg).test_only_text(result)}")
     rows = per_class_rows(classes, result["confusion"])
