@@ -10,14 +10,17 @@ entropy, and one step of the reference's SGD with two groups: the head at --lr, 
 import torch
 import torch.nn as nn
 
-from cmal.engine import LOSS_NAMES, NonFiniteError, _finite, optimisation_step
+from cmal.engine import LOSS_NAMES, _finite, optimisation_step
+from cmal.errors import NonFiniteError
 from cmal.optimizer import set_learning_rates
-from cmal.tresnet import TResnetL_V2
+from cmal.tresnet.tresnet_v2 import TResnetL_V2
 from cmal.tresnet.weights import RANDOM_INIT, load_backbone
 
 
 class BaselineNet(nn.Module):
     """TResNet-V2's body, global average pool and linear head; forward returns the logits."""
+
+    method = "baseline"  # its entry in methods.REGISTRY
 
     def __init__(self, backbone):
         super().__init__()
@@ -27,6 +30,12 @@ class BaselineNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.global_pool(self.body(x)))
+
+    @torch.no_grad()
+    def evaluation_logits(self, inputs):
+        """The one head's logits stand for concat, com2 and combined alike; no experts."""
+        logits = self(inputs).float()
+        return logits, logits, logits, ()
 
     def optimizer_modules(self):
         """The SGD's groups, the backbone last (optimizer.set_hyperparameters): head, body."""
@@ -44,6 +53,17 @@ def build_baseline(num_classes, weights=None, **backbone_options):
     net = BaselineNet(backbone)
     net.init_record = record
     return net
+
+
+def build(cfg, abn, weights=None):
+    """The baseline as a run's settings describe it, with this ABN kind (methods.Method.build)."""
+    return build_baseline(cfg.num_classes, weights=weights, layers=cfg.layers,
+                          width_factor=cfg.width_factor, abn=abn)
+
+
+def iteration(cfg, cuda_graph=False):
+    """One forward and backward per batch; its one pass stays eager under CUDA graphs."""
+    return baseline_train_step
 
 
 def baseline_train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=None,

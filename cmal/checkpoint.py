@@ -21,7 +21,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cmal.errors import UserError, WriteError, disk_full_cause, write_error
+from cmal.errors import (NON_FINITE_FIXES, NonFiniteError, UserError, WriteError,
+                         disk_full_cause, write_error)
+from cmal.tensorboard import tensorboard_writer_class
 from cmal.tresnet.weights import NotTorchFileError, WeightsError, check_compatible, read_checkpoint
 
 FORMAT = "cmal-checkpoint-1"
@@ -397,17 +399,6 @@ class RunState:
         return cls(**{f.name: ckpt[f.name] for f in fields(cls) if f.name in ckpt})
 
 
-def tensorboard_writer_class():
-    """torch's SummaryWriter, or a UserError saying how to install what it needs."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package, which is not installed: "
-                        "pip install tensorboard (or pip install -e '.[tensorboard]'), or leave "
-                        "out --tensorboard") from None
-    return SummaryWriter
-
-
 class TensorBoardLog:
     """The per-epoch numbers as TensorBoard scalars in output_dir/tensorboard/, one step per
     epoch, counted from 1 as the console counts them."""
@@ -480,7 +471,6 @@ class RunSaver:
     def save(self, state, best=False):
         """last.pt of `state`; a new best is written to best.pt first and last.pt made a link
         to it, so that a crash in between leaves last.pt behind best.pt, never ahead of it."""
-        from cmal.engine import NON_FINITE_FIXES, NonFiniteError
         if not torch.stack([t.isfinite().all() for t in self.model.state_dict().values()
                             if t.is_floating_point()]).all():
             raise NonFiniteError(f"the weights hold NaN or infinite values at epoch "
@@ -536,26 +526,6 @@ def final_test_step(state):
 def mid_epoch(state, epoch, stats):
     """`state` as saved inside `epoch`, with its running sums `stats`."""
     return replace(state, epoch=epoch, stats=stats)
-
-
-def load_trained(path, device="cpu"):
-    """(model in eval mode, class names, settings) of a checkpoint written by a training run:
-    the network its settings describe, with its weights."""
-    ck = load(path)
-    return model_of(ck, path, device), ck["classes"], _settings_of(ck)
-
-
-def model_of(ck, path, device="cpu"):
-    """The trained network of a loaded checkpoint `ck` (read from `path`), in eval mode."""
-    from cmal.model import build_from_settings  # late: the model imports the whole backbone
-    model = build_from_settings(_settings_of(ck), device)
-    load_model_state(model, ck, path)
-    return model.eval()
-
-
-def _settings_of(ck):
-    from cmal.settings import Settings
-    return Settings.from_checkpoint(ck["settings"])
 
 
 def load_model_state(model, ckpt, path):

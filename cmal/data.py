@@ -360,6 +360,11 @@ def check_layout(root, num_classes=None, with_val=False):
 CHECKS = ("headers", "full", "none")
 
 
+def val_fraction(cfg):
+    """The fraction of train --val_split holds out, or None (no split, or the val/ folder)."""
+    return None if cfg.val_split in ("none", "folder") else float(cfg.val_split)
+
+
 def check_images(samples, max_pixels, skip_bad=False, split="test", how="headers"):
     """The samples whose files can be read: their headers (check_header, milliseconds each) or
     with how="full" whole decodes; a bad one raises BadImageError naming it, or with
@@ -603,7 +608,6 @@ def split_samples(cfg, samples, holdout_method=HOLDOUT_RANKED):
     """The samples of each split this run uses: train and test, and with --val_split a
     validation split (held out from train, or data_path/val/); and the hold-out's record
     (holdout_record) or None."""
-    from cmal.settings import val_fraction
     splits, record = {"train": samples["train"], "test": samples["test"]}, None
     if cfg.val_split == "folder":
         if VAL_SPLIT not in samples:

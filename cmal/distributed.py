@@ -8,6 +8,12 @@ import torch.distributed as tdist
 from cmal.errors import UserError
 
 
+def unwrap(net):
+    """The module inside a DistributedDataParallel or torch.compile wrapper."""
+    net = getattr(net, "module", net)
+    return getattr(net, "_orig_mod", net)
+
+
 def is_distributed():
     return tdist.is_available() and tdist.is_initialized()
 

@@ -2,46 +2,24 @@
 
 Every entry point (the three dataset scripts, train.py, the demo, the benchmark) calls these.
 """
-import contextlib
-from collections import namedtuple
 
 import torch
 from tqdm import tqdm
 
-from cmal import distributed as dist
-from cmal.errors import UserError
-from cmal.model import unwrap
+from cmal import distributed
+from cmal.distributed import unwrap
+from cmal.errors import NON_FINITE_FIXES, NonFiniteError  # noqa: F401 (engine's API)
+from cmal.methods import ABLATIONS
 from cmal.optimizer import set_learning_rates
-from cmal.utils import attention_im, highlight_im, map_generate
+from cmal.precision import Precision
+from cmal.scores import attention_maps
+from cmal.utils import attention_im, highlight_im
 
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
-# Variants of the iteration (--ablation). none: the reference's. no_crops: no attention crops,
-# every pass on the raw batch (no attention maps are computed; the two flags are still drawn, so
-# the random stream stays the reference's). no_joint_crop: step 5 (all heads on the joint crop)
-# left out: four passes and four optimizer steps, loss_att reported as 0.
-ABLATIONS = ("none", "no_crops", "no_joint_crop")
-
-
-class NonFiniteError(UserError, FloatingPointError):
-    """A training loss or the weights became NaN or infinite; the model is no longer worth
-    saving."""
-
-
-def attention_maps(net, outputs):
-    """a1, a2, a3: each expert's class activation map, from a forward's logits and maps."""
-    net = unwrap(net)
-    return [map_generate(features.detach(), logits.detach(), classifier[1].weight.detach(),
-                         classifier[4].weight.detach())
-            for features, logits, (_, classifier) in zip(outputs.maps, outputs.expert_logits,
-                                                         net.experts())]
 
 
 def _autocast(device, amp_dtype, cache=True):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    # cache=False inside a CUDA graph capture: autocast's cache of cast weights would be freed
-    # memory at replay.
-    return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache)
+    return Precision.of_dtype(amp_dtype, device).autocast(cache)
 
 
 def optimisation_step(net, optimizer, x, pick_loss, amp_dtype=None, scaler=None,
@@ -159,12 +137,6 @@ def new_epoch_stats():
             **{k: 0.0 for k in LOSS_NAMES}}
 
 
-# What to do about a loss or weights that went non-finite: a resumed run keeps the learning rate
-# it was trained with, so a lower one means a new run.
-NON_FINITE_FIXES = ("Start a new run with a lower --lr (--overwrite or another --output_dir), or "
-                    "check the data (python -m cmal.tools.check_data DATA_PATH).")
-
-
 def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, stats=None,
                     amp_dtype=None, scaler=None, channels_last=False, after_batch=None,
                     progress=True, iteration=None):
@@ -176,7 +148,7 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
     `stats` carries the running sums when an epoch is resumed midway. `after_batch(stats)` is
     called after every iteration; when it returns True the epoch stops early (finished=False).
     """
-    iteration = iteration or train_step  # looked up now: tests/killer.py replaces it
+    iteration = iteration or train_step
     net.train()
     stats = stats or new_epoch_stats()
     bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
@@ -187,8 +159,8 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
         # BatchNorm1d needs two samples (fewer remain when bad files were skipped); under DDP
         # every process must skip the same iterations, or their collectives would mismatch.
         too_small = inputs.shape[0] < 2
-        if dist.is_distributed():
-            too_small = dist.all_reduce_sum([float(too_small)])[0] > 0
+        if distributed.is_distributed():
+            too_small = distributed.all_reduce_sum([float(too_small)])[0] > 0
         if too_small:
             if after_batch is not None and after_batch(stats):
                 return stats, False
@@ -220,7 +192,7 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
 def reduce_stats(stats):
     """The epoch's running sums added over processes (the position is the same on all)."""
     keys = [k for k in stats if k != "position"]
-    return {"position": stats["position"], **dict(zip(keys, dist.all_reduce_sum(
+    return {"position": stats["position"], **dict(zip(keys, distributed.all_reduce_sum(
         [stats[k] for k in keys])))}
 
 
@@ -235,44 +207,12 @@ def summarise_train(stats):
             "samples": int(totals["total"]), "skipped": int(totals["skipped"])}
 
 
-# heads: (logits_1, logits_2, logits_3, logits_concat) of the raw pass; maps: the experts'
-# class activation maps (a1, a2, a3); crop: the joint attention crop; heads_att: the four logits
-# of the pass on it; com2 = sum(heads); com = com2 + sum(heads_att), the "combined" score.
-Scores = namedtuple("Scores", "heads maps crop heads_att com2 com")
-
-
-@torch.no_grad()
-def combined_scores(model, inputs):
-    """Every score evaluation computes for a batch (spec section 5), in float32.
-
-    `model` is the plain module in eval mode; then every sample's scores are independent of
-    the rest of the batch."""
-    out = model(inputs)
-    maps = attention_maps(model, out)
-    crop = highlight_im(inputs, *maps)
-    out_att = model(crop)
-    heads = [o.float() for o in out.heads]
-    heads_att = [o.float() for o in out_att.heads]
-    com2 = sum(heads)
-    return Scores(heads, maps, crop, heads_att, com2, com2 + sum(heads_att))
-
-
-def single_head(model):
-    """Whether `model` (unwrapped) is the one-head baseline rather than CMAL-Net."""
-    from cmal.baseline import BaselineNet  # late: baseline.py builds on this module
-    return isinstance(model, BaselineNet)
-
-
 @torch.no_grad()
 def evaluation_logits(model, inputs):
     """(concat, com2, combined, experts) logits of a batch in float32, as evaluate scores them:
-    CMAL-Net's by combined_scores, `experts` its raw pass's expert 1, 2, 3 logits. The baseline's
-    one head stands for concat, com2 and combined alike, and it has no experts (())."""
-    if single_head(model):
-        logits = model(inputs).float()
-        return logits, logits, logits, ()
-    s = combined_scores(model, inputs)
-    return s.heads[3], s.com2, s.com, tuple(s.heads[:3])
+    the network's own `evaluation_logits` (CMAL-Net's combined scores; the baseline's one head
+    stands for all three and has no experts)."""
+    return unwrap(model).evaluation_logits(inputs)
 
 
 def ranking_logits(model, inputs):
@@ -343,14 +283,14 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
                              loss.double(), sums.new_tensor(len(targets)), top5, flipped,
                              *experts_correct])
     # Ranks hold different numbers of test batches: agree on stopping only after the loop.
-    *totals, stopped = dist.all_reduce_sum(sums.tolist() + confusion.tolist() + [float(stopped)])
+    *totals, stopped = distributed.all_reduce_sum(sums.tolist() + confusion.tolist() + [float(stopped)])
     if stopped:
         return None
     correct_concat, correct_com2, correct_com, loss_sum, n, top5, flipped = totals[:7]
     n = max(n, 1)
     result = {"acc_concat": 100.0 * correct_concat / n, "acc_com2": 100.0 * correct_com2 / n,
               "acc_combined": 100.0 * correct_com / n, "loss": loss_sum / n, "samples": int(n)}
-    if not single_head(model):
+    if hasattr(model, "experts"):  # the baseline's one head has no experts
         result.update({f"acc_expert{i}": 100.0 * c / n for i, c in enumerate(totals[7:10], 1)})
     if num_classes:
         counts = torch.tensor(totals[10:]).view(num_classes, num_classes)

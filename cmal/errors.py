@@ -14,6 +14,21 @@ class UserError(Exception):
     wrong in terms of what was given, and what to do."""
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """A training loss or the weights became NaN or infinite; the model is no longer worth
+    saving."""
+
+
+# What to do about a loss or weights that went non-finite: a resumed run keeps the learning rate
+# it was trained with, so a lower one means a new run.
+NON_FINITE_FIXES = ("Start a new run with a lower --lr (--overwrite or another --output_dir), or "
+                    "check the data (python -m cmal.tools.check_data DATA_PATH).")
+
+
+class WeightsError(UserError, RuntimeError):
+    """A weight file that cannot be used: missing, unreadable, unsafe or of another architecture."""
+
+
 # A full filesystem, or the user's quota spent on it: what a user fixes by freeing space.
 DISK_FULL = {errno.ENOSPC: "no space left", errno.EDQUOT: "the disk quota is exhausted"}
 

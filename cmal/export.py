@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cmal.engine import combined_scores, single_head
+from cmal import methods
+from cmal.scores import combined_scores
 from cmal.errors import UserError, device_full, disk_full_cause, write_error
-from cmal.model import unwrap
+from cmal.distributed import unwrap
 
 FORMATS = ("export", "torchscript", "onnx")
 FILE_NAMES = {"export": "model.pt2", "torchscript": "model.ts", "onnx": "model.onnx"}
@@ -56,7 +57,7 @@ class CombinedPredictor(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = unwrap(model)
-        self.single_head = single_head(self.model)
+        self.single_head = not methods.of_network(self.model).experts
         self.output_names = OUTPUT_NAMES[:1] if self.single_head else OUTPUT_NAMES
 
     def forward(self, images):
@@ -408,7 +409,7 @@ def manifest(classes, cfg, transform, checkpoint, device, results):
             {"name": "combined", "shape": ["batch", k],
              "meaning": "the logits of the baseline's one head (--method=baseline): argmax is "
                         "the predicted class index into classes, softmax the scores"}
-        ] if cfg.method == "baseline" else [
+        ] if not methods.method_of(cfg).experts else [
             {"name": "combined", "shape": ["batch", k],
              "meaning": "the combined score evaluation ranks by: the four logits of the raw "
                         "pass plus the four of the pass on the joint attention crop; argmax "

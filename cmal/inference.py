@@ -14,7 +14,9 @@ import torch
 from cmal import checkpoint as ckpt_io
 from cmal.data import BadImageError, allow_images_up_to, build_transforms, is_image_file, load_rgb
 from cmal.errors import UserError
-from cmal.settings import parse_bool
+from cmal import methods
+from cmal.precision import Precision
+from cmal.settings import Settings, parse_bool
 
 class ToolError(UserError):
     """A failure the user can fix; the message is one line naming the file and what to do."""
@@ -64,11 +66,32 @@ def check_output(path, inputs, overwrite, option):
                         "pass --overwrite to replace it")
 
 
+def load_trained(path, device="cpu"):
+    """(model in eval mode, class names, settings) of a checkpoint written by a training run:
+    the network its settings describe, with its weights."""
+    ck = ckpt_io.load(path)
+    return model_of(ck, path, device), ck["classes"], settings_of(ck)
+
+
+def model_of(ck, path, device="cpu", precision=None):
+    """The trained network of a loaded checkpoint `ck` (read from `path`), in eval mode, built
+    for `precision` (by default the checkpoint's --amp on `device`)."""
+    cfg = settings_of(ck)
+    precision = precision or Precision(cfg.amp, device)
+    model = methods.method_of(cfg).build(cfg, precision)
+    ckpt_io.load_model_state(model, ck, path)
+    return model.eval()
+
+
+def settings_of(ck):
+    return Settings.from_checkpoint(ck["settings"])
+
+
 def load_model(path, device, max_image_pixels=None):
     """(model in eval mode, class names, settings) of a training checkpoint; `max_image_pixels`
     replaces the limit on image size it was trained with."""
     try:
-        model, classes, cfg = ckpt_io.load_trained(path, device)
+        model, classes, cfg = load_trained(path, device)
         cfg.max_image_pixels = max_image_pixels or cfg.max_image_pixels
         allow_images_up_to(cfg.max_image_pixels)
         return model, classes, cfg

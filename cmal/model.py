@@ -1,11 +1,15 @@
 """CMAL-Net: three experts on layer2, layer3 and layer4 of TResNet-L-V2, and their concatenation."""
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from cmal import engine
 from cmal.basic_conv import BasicConv
-from cmal.tresnet import TResnetL_V2, abn_kind_for
+from cmal.cuda_graph import GraphedIteration
+from cmal.scores import combined_scores
+from cmal.tresnet.tresnet_v2 import TResnetL_V2
 from cmal.tresnet.weights import RANDOM_INIT, load_backbone
 
 
@@ -47,6 +51,8 @@ class CMALNet(nn.Module):
     is exactly that at 368 px, and the global form accepts any input size.
     """
 
+    method = "cmal"  # its entry in methods.REGISTRY
+
     def __init__(self, net_layers, num_classes, in_channels=(512, 1024, 2048), mid_channels=512,
                  feature_channels=1024, hidden=512):
         super().__init__()
@@ -68,6 +74,12 @@ class CMALNet(nn.Module):
         """The reference SGD's eight groups, in its order (the backbone last)."""
         return [self.classifier_concat, self.conv_block1, self.classifier1, self.conv_block2,
                 self.classifier2, self.conv_block3, self.classifier3, self.Features]
+
+    @torch.no_grad()
+    def evaluation_logits(self, inputs):
+        """(concat, com2, combined, experts' logits) of a batch, as evaluation scores it."""
+        s = combined_scores(self, inputs)
+        return s.heads[3], s.com2, s.com, tuple(s.heads[:3])
 
     def forward(self, x):
         feats = self.Features(x)
@@ -130,27 +142,21 @@ def build_cmal(num_classes, weights=None, mid_channels=512, feature_channels=102
     return net
 
 
-def build_from_settings(cfg, device, weights=None, cuda_graph=False):
-    """The CMAL-Net (or with --method=baseline, the baseline) a run's settings describe, on
-    `device` (its ABN chosen for that device, --amp and whether it runs in CUDA graphs);
-    `weights`: backbone weights for a new run. Its `init_record` says what initialised it (see
-    build_cmal)."""
-    abn = abn_kind_for(cfg.abn, device, amp=cfg.amp != "none", cuda_graph=cuda_graph)
-    if cfg.method == "baseline":
-        from cmal.baseline import build_baseline  # baseline.py imports the engine
-        return build_baseline(cfg.num_classes, weights=weights or None, layers=cfg.layers,
-                              width_factor=cfg.width_factor,
-                              abn=abn).to(device)
-    return build_cmal(cfg.num_classes, weights=weights or None, mid_channels=cfg.head_mid,
+def build(cfg, abn, weights=None):
+    """CMAL-Net as a run's settings describe it, with this ABN kind (methods.Method.build)."""
+    return build_cmal(cfg.num_classes, weights=weights, mid_channels=cfg.head_mid,
                       feature_channels=cfg.head_features, hidden=cfg.head_hidden,
-                      layers=cfg.layers, width_factor=cfg.width_factor,
-                      abn=abn).to(device)
+                      layers=cfg.layers, width_factor=cfg.width_factor, abn=abn)
 
 
-def unwrap(net):
-    """The CMAL module inside a DistributedDataParallel or torch.compile wrapper."""
-    net = getattr(net, "module", net)
-    return getattr(net, "_orig_mod", net)
+def iteration(cfg, cuda_graph=False):
+    """What one training batch runs: the reference's five steps (or an ablation of them), with
+    `cuda_graph` replayed as one CUDA graph."""
+    if cuda_graph:
+        return GraphedIteration(cfg.ablation)
+    if cfg.ablation == "none":
+        return engine.train_step
+    return functools.partial(engine.train_step, ablation=cfg.ablation)
 
 
 def compile_network(net):

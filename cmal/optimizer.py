@@ -2,7 +2,7 @@
 zero-filled gradients the reference's PyTorch kept."""
 import torch
 
-from cmal.model import unwrap
+from cmal.distributed import unwrap
 from cmal.utils import cosine_anneal_schedule
 
 # How SGD updates and zeroes the parameters; the arithmetic is the same. loop: one operation per

@@ -13,14 +13,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 
 from cmal.data import CHECKS
-from cmal.engine import ABLATIONS
 from cmal.errors import UserError
-from cmal.methods import METHODS
+from cmal.methods import ABLATIONS, METHODS, REGISTRY
 from cmal.optimizer import SGD_IMPLS
-from cmal.tresnet import ABN_CHOICES
+from cmal.precision import DTYPES
+from cmal.tresnet.abn import ABN_CHOICES
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 CUDA_GRAPH_CHOICES = ("auto", "true", "false")
@@ -28,7 +27,7 @@ CUDA_GRAPH_CHOICES = ("auto", "true", "false")
 
 def amp_dtype(amp):
     """The autocast dtype of an --amp setting (None: float32)."""
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return DTYPES[amp]
 
 
 class SettingsError(UserError):
@@ -63,11 +62,6 @@ def parse_val_split(text):
         raise argparse.ArgumentTypeError(f"a held-out fraction lies strictly between 0 and 1, "
                                          f"got {text!r}")
     return repr(fraction)
-
-
-def val_fraction(cfg):
-    """The fraction of train --val_split holds out, or None (no split, or the val/ folder)."""
-    return None if cfg.val_split in ("none", "folder") else float(cfg.val_split)
 
 
 def show_progress(cfg):
@@ -424,7 +418,7 @@ def validate(cfg):
         problems.append(f"--resize ({cfg.resize}) must be at least --image_size "
                         f"({cfg.image_size})")
     if cfg.abn == "inplace":
-        from cmal.tresnet import inplace_abn_available
+        from cmal.tresnet.abn import inplace_abn_available
         if not inplace_abn_available():
             problems.append("--abn=inplace but inplace_abn is not installed (make setup builds "
                             "it); use --abn=auto")
@@ -452,9 +446,9 @@ def validate(cfg):
     if cfg.tta_flip and not cfg.test_only:
         problems.append("--tta_flip scores mirror images when evaluating a checkpoint "
                         "(--test_only); a training run does not use it: leave it out")
-    if cfg.method == "baseline" and cfg.ablation != "none":
-        problems.append(f"--ablation={cfg.ablation} varies CMAL-Net's iteration; the baseline "
-                        "has none (leave --ablation out with --method=baseline)")
+    if cfg.method in REGISTRY and cfg.ablation not in REGISTRY[cfg.method].ablations:
+        problems.append(f"--ablation={cfg.ablation} varies CMAL-Net's iteration; the "
+                        f"{cfg.method} has none (leave --ablation out with --method={cfg.method})")
     if cfg.extend and not cfg.resume and not cfg.test_only:
         problems.append("--extend continues a finished run and needs --resume (its output_dir's "
                         "last.pt) or --resume=PATH; add one, or leave out --extend to start a "
@@ -465,7 +459,7 @@ def validate(cfg):
             problems.append(f"--cuda_graph=true cannot be used with {why}: leave it at auto or "
                             "false")
     if cfg.tensorboard:
-        from cmal.checkpoint import tensorboard_writer_class
+        from cmal.tensorboard import tensorboard_writer_class
         try:
             tensorboard_writer_class()
         except UserError as exc:

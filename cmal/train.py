@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from cmal import checkpoint as ckpt_io
-from cmal import distributed as dist
+from cmal import distributed
 from cmal import methods
 from cmal import settings
 from cmal.data import (DatasetError, build_loaders, holdout_change, holdout_method_of, mix_seed,
@@ -31,10 +31,12 @@ from cmal.cuda_graph import GraphedScores
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
 from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command,
                          unnamed_disk_full)
-from cmal.model import build_from_settings, compile_network
+from cmal.inference import model_of
+from cmal.model import compile_network
+from cmal.precision import Precision
 from cmal.optimizer import (load_optimizer_state, make_optimizer, set_hyperparameters,
                             set_learning_rates, zero_fill_grads)
-from cmal.tresnet import resolve_weights
+from cmal.tresnet.weights import resolve_weights
 from cmal.tresnet.weights import init_lines
 
 
@@ -54,25 +56,17 @@ def selection_split(cfg):
 
 
 def log(*args):
-    if dist.is_main():
+    if distributed.is_main():
         print(*args, flush=True)
 
 
 def epoch_line(record, cfg, best):
-    baseline = cfg.method == "baseline"  # one loss, one test accuracy
+    method = methods.method_of(cfg)
     line = (f"epoch {record['epoch'] + 1:3d}/{cfg.epochs} | train acc {record['train_acc']:6.2f}% "
-            f"loss {record['train_loss']:.4f}")
-    if not baseline:
-        line += (f" (e1 {record['loss1']:.3f} e2 {record['loss2']:.3f} e3 {record['loss3']:.3f} "
-                 f"att {record['loss_att']:.3f} concat {record['loss_concat']:.3f})")
+            f"loss {record['train_loss']:.4f}" + method.losses_text(record))
     t = ckpt_io.evaluated(record)
-    split = "val" if record.get("val") else "test"
-    if t and baseline:
-        line += f" | {split} acc {t['acc_combined']:6.2f}% (best {best:.2f}%)"
-    elif t:
-        line += (f" | {split} concat {t['acc_concat']:6.2f}% com2 {t['acc_com2']:6.2f}% combined "
-                 f"{t['acc_combined']:6.2f}% (best {best:.2f}%) experts "
-                 + "/".join(f"{t[f'acc_expert{i}']:.2f}" for i in (1, 2, 3)) + "%")
+    if t:
+        line += " | " + method.scores_text(t, best, "val" if record.get("val") else "test")
     if record.get("skipped"):
         line += f" | {record['skipped']} bad images skipped"
     return line + f" | {record['time']:.0f}s"
@@ -94,7 +88,7 @@ class StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        if dist.is_main():  # os.write: print() is not safe inside a signal handler
+        if distributed.is_main():  # os.write: print() is not safe inside a signal handler
             os.write(1, f"\n{self.signal} received: stopping after this iteration and saving a "
                         "checkpoint (send it again to stop at once)\n".encode())
 
@@ -104,7 +98,7 @@ class StopRequest:
 
     def requested(self):
         local = self.signal is not None
-        return dist.all_reduce_sum([float(local)])[0] > 0 if dist.is_distributed() else local
+        return distributed.all_reduce_sum([float(local)])[0] > 0 if distributed.is_distributed() else local
 
     @property
     def name(self):
@@ -152,11 +146,11 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
     zero_fill_grads(model)
     if state.stats:  # the batch size and seed are the checkpoint's (settings_of_checkpoint)
         ckpt_io.restore_rng(ck["rng"])
-        if not dist.is_main():  # the saved sums cover all processes: count them once
+        if not distributed.is_main():  # the saved sums cover all processes: count them once
             state.stats = {**new_epoch_stats(), "position": state.stats["position"]}
     log(f"resumed from {path}: epoch {state.epoch + 1}"
         + (f", batch {state.stats['position']}" if state.stats else "")
-        + f", best {methods.headline(cfg)} "
+        + f", best {methods.method_of(cfg).headline} "
         + f"{selection_split(cfg)} accuracy {state.best_acc:.2f}%")
     return state
 
@@ -177,9 +171,9 @@ def run(cfg, given=frozenset()):
     The output folder is checked and locked first, then the data scanned: a run that cannot
     save stops before any expensive work. Loader processes end with the run, however it ends.
     """
-    device = dist.setup_device(cfg)
+    device = distributed.setup_device(cfg)
     lock = None
-    if not cfg.test_only and dist.is_main():
+    if not cfg.test_only and distributed.is_main():
         lock = ckpt_io.RunLock(cfg.output_dir).acquire()
     try:
         path = evaluated_path(cfg) if cfg.test_only else resume_path(cfg)
@@ -201,7 +195,7 @@ def run(cfg, given=frozenset()):
         # another --data_path, not another --num_classes.
         scanned = cfg if ck is None else replace(cfg, num_classes=None)
         resumed = None if cfg.test_only else ck
-        loaders = build_loaders(scanned, dist.rank(), dist.world_size(),
+        loaders = build_loaders(scanned, distributed.rank(), distributed.world_size(),
                                 pin_memory=device.type == "cuda",
                                 holdout_method=holdout_method_of(resumed))
         try:
@@ -301,7 +295,7 @@ def finished_line(cfg, ck, path):
     out_dir = Path(cfg.output_dir)
     how = "--resume" if _same_file(path, out_dir / "last.pt") else f"--resume={path}"
     return (f"{path} holds a finished run of {cfg.epochs} epochs: best "
-            f"{methods.headline(cfg)} {selection_split(cfg)} accuracy {ck['best_acc']:.2f}%"
+            f"{methods.method_of(cfg).headline} {selection_split(cfg)} accuracy {ck['best_acc']:.2f}%"
             + (f" at epoch {best + 1}" if best is not None else "")
             + (f", its test accuracy (scored once) {final['acc_combined']:.2f}%" if final else "")
             + f"; nothing to train, nothing written. To train it further: {how} --extend "
@@ -451,9 +445,9 @@ def _run(cfg, device, path, ck, loaders, overwrites=False):
     if cfg.test_only:
         return test_only(cfg, device, ck, path, loaders.test)
     if not path and cfg.weights:
-        if dist.is_main():  # one download, not one per process
+        if distributed.is_main():  # one download, not one per process
             resolve_weights(cfg.weights)
-        dist.barrier()
+        distributed.barrier()
     try:
         return Training(cfg, device, path, ck, loaders, overwrites).fit()
     except (OSError, RuntimeError) as exc:  # TensorBoard's writer names no file
@@ -482,17 +476,19 @@ class Training:
         # Where best.pt is chosen: a validation split (--val_split), else test (the reference).
         self.selection_loader = loaders.test if loaders.val is None else loaders.val
         classes = loaders.classes
-        self.amp_dtype = settings.amp_dtype(cfg.amp)
+        self.precision = Precision(cfg.amp, device)  # from the checkpoint's settings on resume
+        self.amp_dtype = self.precision.dtype
         self.criterion = nn.CrossEntropyLoss()
         graphs = settings.use_cuda_graph(cfg, device)
-        model = build_from_settings(cfg, device, weights=None if path else cfg.weights,
-                                    cuda_graph=graphs)
+        self.method = methods.method_of(cfg)
+        model = self.method.build(cfg, self.precision, weights=None if path else cfg.weights,
+                                  cuda_graph=graphs)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum,
                                         cfg.weight_decay, cfg.sgd)
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        self.scaler = self.precision.new_scaler()
         self.state = restore(ck, path, cfg, classes, model, self.optimizer, self.scaler) \
             if ck is not None else ckpt_io.RunState()
         # What initialised the network: this run's backbone weights, or for a resumed run what it
@@ -502,7 +498,7 @@ class Training:
         for line in init_lines(self.init):
             log(line)
         self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
-                                      classes, writes=dist.is_main(), init=self.init,
+                                      classes, writes=distributed.is_main(), init=self.init,
                                       holdout=loaders.holdout)
         best = Path(cfg.output_dir) / "best.pt"
         if self.validated() and self.state.best_epoch is not None and (
@@ -520,27 +516,27 @@ class Training:
         if overwrites:
             # --overwrite: only now, with the data scanned and the weights and the checkpoint
             # read, so that a mistake in this run's inputs leaves the previous run whole.
-            if dist.is_main():
+            if distributed.is_main():
                 removed = ckpt_io.clear_run_files(cfg.output_dir)
                 log(f"--overwrite: removed the previous run's {', '.join(removed)} from "
                     f"{cfg.output_dir}")
-            dist.barrier()
+            distributed.barrier()
         self.saver.start(self.state)
         self.net = self._wrap(model)
-        self.progress = settings.show_progress(cfg) and dist.is_main()
+        self.progress = settings.show_progress(cfg) and distributed.is_main()
         if cfg.cuda_graph == "true" and not graphs:
             log(f"--cuda_graph=true: no CUDA graphs on {device}; every iteration runs eagerly")
-        self.iteration = methods.iteration_for(cfg, cuda_graph=graphs)
+        self.iteration = self.method.iteration(cfg, cuda_graph=graphs)
         self.scores = GraphedScores(self.amp_dtype) if graphs else None
-        log(f"{methods.describe(cfg)}: {len(loaders.train.dataset)} train / "
+        log(f"{self.method.describe(cfg)}: {len(loaders.train.dataset)} train / "
             + (f"{len(loaders.val.dataset)} validation / " if loaders.val else "")
             + f"{len(loaders.test.dataset)} test images, {len(classes)} classes, {cfg.epochs} "
             f"epochs, batch {cfg.batch_size}, device {device}"
-            + (f" x {dist.world_size()} processes" if dist.is_distributed() else ""))
+            + (f" x {distributed.world_size()} processes" if distributed.is_distributed() else ""))
 
     def _wrap(self, model):
         net = model
-        if dist.is_distributed():
+        if distributed.is_distributed():
             # Each of the five passes uses only part of the heads: the others get no gradient.
             net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -573,9 +569,9 @@ class Training:
                 return stop.exit_status()
         self.saver.end_run(self.state, scored_now)
         best = self.state
-        log(f"done: best {methods.headline(cfg)} {selection_split(cfg)} accuracy {best.best_acc:.2f}%"
+        log(f"done: best {methods.method_of(cfg).headline} {selection_split(cfg)} accuracy {best.best_acc:.2f}%"
             + (f" at epoch {best.best_epoch + 1}" if best.best_epoch is not None else "")
-            + (f"; its test accuracy (scored once): {methods.headline(cfg)} "
+            + (f"; its test accuracy (scored once): {methods.method_of(cfg).headline} "
                f"{best.final_test['acc_combined']:.2f}%" if best.final_test else "")
             + f"; checkpoints and logs in {out_dir}")
         return 0
@@ -589,7 +585,7 @@ class Training:
         path, state = Path(self.cfg.output_dir) / "best.pt", self.state
         # A network of its own: the run's keeps the last epoch's weights, which last.pt holds.
         net = self.net if state.best_epoch is None else \
-            ckpt_io.model_of(ckpt_io.load(path), path, self.device)
+            model_of(ckpt_io.load(path), path, self.device, self.precision)
         test = evaluate(net, self.test_loader, self.criterion, self.device, self.amp_dtype,
                         self.cfg.channels_last, progress=self.progress,
                         should_stop=lambda: stop.signal is not None, scores=self.scores)
@@ -600,10 +596,7 @@ class Training:
                  if state.best_epoch is not None else
                  f"the last epoch's network ({state.epoch}; no epoch scored above 0 % on "
                  "validation, so there is no best.pt)")
-        scores = (f"acc {test['acc_combined']:.2f}%" if self.cfg.method == "baseline" else
-                  f"concat {test['acc_concat']:.2f}% com2 {test['acc_com2']:.2f}% combined "
-                  f"{test['acc_combined']:.2f}%")
-        log(f"{which} on test, scored once: {scores}")
+        log(f"{which} on test, scored once: {self.method.final_text(test)}")
         return True
 
     def epoch(self, epoch, stop):
@@ -618,7 +611,7 @@ class Training:
         # Every iteration sets these rates again; set here too, an epoch resumed with no batch
         # left (stopped in its evaluation) would record and save the base rates of `restore`.
         set_learning_rates(self.optimizer, epoch, cfg.epochs)
-        per_rank_batch = cfg.batch_size // dist.world_size()
+        per_rank_batch = cfg.batch_size // distributed.world_size()
         self.train_loader.sampler.set_epoch(epoch, start=stats["position"] * per_rank_batch)
         t0 = time.time()
 
@@ -634,7 +627,7 @@ class Training:
             cfg.epochs, stats=stats, amp_dtype=self.amp_dtype, scaler=self.scaler,
             channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress,
             iteration=self.iteration)
-        dist.broadcast_buffers(self.model)
+        distributed.broadcast_buffers(self.model)
         scored = None
         if finished and should_evaluate(epoch, cfg):
             # A signal during evaluation stops it: the epoch's training is saved below and the
@@ -678,28 +671,23 @@ def test_only(cfg, device, ck, path, test_loader):
     if report.exists() and any(report.iterdir()) and not cfg.overwrite:
         raise ckpt_io.CheckpointError(f"{report} already holds an evaluation report: pass "
                                       "--overwrite to replace it, or move it away")
-    model = ckpt_io.model_of(ck, path, device)
-    result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device,
-                      settings.amp_dtype(cfg.amp), cfg.channels_last,
-                      progress=settings.show_progress(cfg) and dist.is_main(),
+    # One precision for the network's ABN and the evaluation's autocast: this command's --amp.
+    precision = Precision(cfg.amp, device)
+    model = model_of(ck, path, device, precision)
+    result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device, precision.dtype,
+                      cfg.channels_last,
+                      progress=settings.show_progress(cfg) and distributed.is_main(),
                       num_classes=len(classes), flip=cfg.tta_flip,
-                      scores=GraphedScores(settings.amp_dtype(cfg.amp))
+                      scores=GraphedScores(precision.dtype)
                       if settings.use_cuda_graph(cfg, device) else None)
-    if cfg.method == "baseline":
-        log(f"{path}: test acc {result['acc_combined']:.2f}% (one head) loss "
-            f"{result['loss']:.4f} on {result['samples']} images")
-    else:
-        log(f"{path}: test concat {result['acc_concat']:.2f}% com2 {result['acc_com2']:.2f}% "
-            f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
-            f"{result['samples']} images; experts 1, 2, 3 alone "
-            + ", ".join(f"{result[f'acc_expert{i}']:.2f}%" for i in (1, 2, 3)))
+    log(f"{path}: {methods.method_of(cfg).test_only_text(result)}")
     rows = per_class_rows(classes, result["confusion"])
-    kind = methods.headline(cfg)
+    kind = methods.method_of(cfg).headline
     log(f"beyond the paper's protocol: top-5 ({kind}) {result['acc_top5_combined']:.2f}%, "
         f"mean per-class ({kind}) {mean_class_accuracy(rows):.2f}%"
         + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"
            if cfg.tta_flip else ""))
-    if dist.is_main():
+    if distributed.is_main():
         try:
             written = write_evaluation_report(report, classes, result["confusion"], rows)
         except (WriteError, OSError) as exc:
@@ -733,7 +721,7 @@ def main(defaults=None, argv=None, description=None):
     try:
         return run_command(run, cfg, given, on_interrupt=lambda: stopped)
     finally:
-        dist.shutdown()
+        distributed.shutdown()
 
 
 def main_from_script(script_globals, argv=None):

@@ -8,19 +8,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cmal import methods  # noqa: E402
 from cmal import settings  # noqa: E402
 from cmal import train  # noqa: E402
 
 models = []
-original = train.build_from_settings
+original = methods.Method.build
 
 
-def build_from_settings(*args, **kwargs):
+def build(*args, **kwargs):
     models.append(original(*args, **kwargs))
     return models[-1]
 
 
-train.build_from_settings = build_from_settings
+methods.Method.build = build
 status = train.main(None, sys.argv[1:])
 cfg = settings.parse(None, sys.argv[1:])
 torch.save(models[-1].state_dict(), Path(cfg.output_dir) / f"rank{os.environ['RANK']}.pt")

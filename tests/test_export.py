@@ -7,10 +7,10 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from cmal import checkpoint as ckpt_io
+from cmal.inference import load_trained
 from cmal import export, train
 from cmal.data import load_rgb
-from cmal.engine import combined_scores
+from cmal.scores import combined_scores
 from cmal import inference
 from cmal.tools import export as export_tool
 from tests.conftest import TINY_ARGS
@@ -22,7 +22,7 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def trained(run_dir):
     """(model, classes, settings) of the tiny run's best.pt."""
-    return ckpt_io.load_trained(run_dir / "best.pt", "cpu")
+    return load_trained(run_dir / "best.pt", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +246,7 @@ def test_baseline_exports_its_one_head(run_dir, tmp_path):
                              "--format=export,torchscript,onnx"]) == 0
     info = json.loads((exported / export.MANIFEST).read_text())
     assert [o["name"] for o in info["outputs"]] == ["combined"]
-    model, _, cfg = ckpt_io.load_trained(out / "best.pt", "cpu")
+    model, _, cfg = load_trained(out / "best.pt", "cpu")
     paths = sorted((data / "test").rglob("*.jpg"))
     images, _ = inference.load_images(paths, cfg)
     with torch.no_grad():

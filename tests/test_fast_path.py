@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cmal import distributed as dist
+from cmal import distributed
 from cmal.engine import train_step
 from cmal.optimizer import load_optimizer_state, make_optimizer
 from cmal.model import build_cmal
@@ -221,10 +221,10 @@ def test_auto_abn_kinds():
 def test_more_ranks_than_gpus_is_refused_with_what_to_do(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(dist.GpuCountError, match=r"--nproc_per_node=1 .*--device=cpu"):
-        dist.check_gpus_per_node()
+    with pytest.raises(distributed.GpuCountError, match=r"--nproc_per_node=1 .*--device=cpu"):
+        distributed.check_gpus_per_node()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    dist.check_gpus_per_node()
+    distributed.check_gpus_per_node()
 
 
 def test_reflection_padding_from_slices_equals_f_pad():

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cmal import checkpoint as ckpt_io
+from cmal.inference import load_trained
 from cmal import engine
 from cmal import settings
 from cmal import train
@@ -354,7 +355,7 @@ def test_tools_on_a_baseline_checkpoint(image_folder, tmp_path, capsys):
     image = sorted((image_folder / "test").rglob("*.jpg"))[0]
     assert predict.main([str(out / "last.pt"), str(image), "--topk=3"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    model, classes, cfg = ckpt_io.load_trained(out / "last.pt")
+    model, classes, cfg = load_trained(out / "last.pt")
     assert isinstance(model, BaselineNet)
     x = build_transforms(cfg.image_size, cfg.resize, cfg.crop_padding)[1](load_rgb(image))
     with torch.no_grad():

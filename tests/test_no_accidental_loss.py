@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cmal import checkpoint as ckpt_io
+from cmal.inference import load_trained
 from cmal import export, train
 from cmal.tools import export as export_tool
 from tests.conftest import TINY_ARGS, make_image_folder
@@ -288,7 +289,7 @@ def exported_from(folder, fmt="torchscript"):
     might name, checked against model.json: it names that checkpoint."""
     info = json.loads((folder / export.MANIFEST).read_text())
     named = Path(info["checkpoint"])
-    model, _, cfg = ckpt_io.load_trained(named, "cpu")
+    model, _, cfg = load_trained(named, "cpu")
     images = export.example_images(cfg.image_size, batch=2, seed=3)
     with torch.no_grad():
         want = export.predictor_for(model)(images)[0]

@@ -117,3 +117,16 @@ def test_cli_compile_wraps_the_trained_network(image_folder, tmp_path, monkeypat
     assert len(wrapped) == 1 and type(wrapped[0]).__name__ == "CMALNet"
     ck = ckpt_io.load(tmp_path / "c" / "last.pt")
     assert not any(k.startswith("_orig_mod") for k in ck["model"])
+
+
+def test_precision_is_decided_once_from_amp_and_the_device():
+    from cmal.precision import Precision
+    fp16 = Precision("fp16", "cpu")
+    assert fp16.dtype is torch.float16 and isinstance(fp16.new_scaler(), torch.amp.GradScaler)
+    assert Precision("none", "cpu").new_scaler() is None and Precision("bf16", "cpu").new_scaler() is None
+    # the ABN kind it implies: native under autocast on CUDA, pure on the CPU
+    assert Precision("bf16", "cuda").abn_kind("auto") == "native"
+    assert Precision("none", "cpu").abn_kind("auto") == "pure"
+    assert Precision.of_dtype(torch.bfloat16, "cpu").amp == "bf16"
+    with pytest.raises(ValueError, match="--amp"):
+        Precision("fp8", "cpu")

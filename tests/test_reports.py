@@ -19,13 +19,15 @@ import torchvision.transforms as T
 from PIL import Image
 
 from cmal import checkpoint as ckpt_io
+from cmal.inference import load_trained
 from cmal import engine
 from cmal import settings
 from cmal import train
 from cmal.data import build_loaders, build_transforms, hold_out, load_rgb
 from cmal.engine import evaluate
 from cmal.inference import per_class_rows
-from cmal.model import build_cmal, unwrap
+from cmal.distributed import unwrap
+from cmal.model import build_cmal
 from tests.conftest import TINY_ARGS, TINY_NET, make_image_folder
 from tests.test_engine import _ref_crop, _ref_norm, _ref_up, ref_map_generate
 
@@ -368,7 +370,7 @@ def test_test_only_prints_what_the_spec_scores(tmp_path, capsys):
     assert train.main({"data_path": str(data), "output_dir": str(out)},
                       TINY_ARGS + ["--test_only", f"--resume={out / 'last.pt'}", "--tta_flip"]) == 0
     printed = capsys.readouterr().out
-    net = ckpt_io.load_trained(out / "last.pt")[0]
+    net = load_trained(out / "last.pt")[0]
     test_tf = spec_transforms(32, 36, 2)[1]
     files = sorted((data / "test").glob("*/*.jpg"))
     x = torch.stack([test_tf(load_rgb(f)) for f in files])

@@ -169,10 +169,10 @@ def test_progress_bars_only_on_a_terminal_unless_forced(monkeypatch):
 
 def test_threads_setting_sets_torch_threads(monkeypatch):
     import torch
-    from cmal import distributed as dist
+    from cmal import distributed
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    dist.setup_device(settings.parse({"data_path": "d"}, ["--device=cpu", "--threads=1"]))
+    distributed.setup_device(settings.parse({"data_path": "d"}, ["--device=cpu", "--threads=1"]))
     assert calls == [1]
 
 

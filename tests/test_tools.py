@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from cmal.tools import attention
-from cmal import checkpoint as ckpt_io
+from cmal.inference import load_trained
 from cmal import engine
 from cmal.tools import plot_curves
 from cmal.tools import predict
 from cmal.data import build_transforms, load_rgb
-from cmal.engine import combined_scores
+from cmal.scores import combined_scores
 from cmal.utils import highlight_im
 
 CLASSES = ["class_0", "class_1", "class_2"]
@@ -51,7 +51,7 @@ def read_csv(path):
 
 def direct_combined(checkpoint, paths):
     """Combined logits computed here from the pieces, as engine.evaluate does."""
-    model, classes, cfg = ckpt_io.load_trained(checkpoint, "cpu")
+    model, classes, cfg = load_trained(checkpoint, "cpu")
     tf = build_transforms(cfg.image_size, cfg.resize, cfg.crop_padding)[1]
     x = torch.stack([tf(load_rgb(p)) for p in paths])
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_predict_batches_give_the_same_result_as_single_images(run_dir, data_dir
 def test_combined_scores_equal_the_evaluation_formula(run_dir, data_dir):
     paths = images_of(data_dir)[:4]
     _, com = direct_combined(run_dir / "last.pt", paths)
-    model, _, cfg = ckpt_io.load_trained(run_dir / "last.pt")
+    model, _, cfg = load_trained(run_dir / "last.pt")
     tf = build_transforms(cfg.image_size, cfg.resize, cfg.crop_padding)[1]
     s = combined_scores(model, torch.stack([tf(load_rgb(p)) for p in paths]))
     torch.testing.assert_close(s.com, com)

@@ -19,8 +19,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from cmal import methods
 from cmal.distributed import pick_device
-from cmal.engine import combined_scores
+from cmal.scores import combined_scores
 from cmal.errors import run_command
 from cmal.inference import (ToolError, batches, check_output, find_images, load_images, load_model,
                        tool_parser)
@@ -173,7 +174,7 @@ def run(args):
     found = find_images(args.images)
     paths = spread(found, args.max_images)
     model, classes, cfg = load_model(args.checkpoint, device, args.max_image_pixels)
-    if cfg.method == "baseline":
+    if not methods.method_of(cfg).experts:
         raise ToolError(f"{args.checkpoint} holds the plain fine-tuning baseline "
                         "(--method=baseline): one head on global average pooling, no experts and "
                         "no attention maps to draw; pass a CMAL-Net checkpoint (python -m "

@@ -31,7 +31,8 @@ from cmal.engine import evaluate, train_step
 from cmal.errors import run_command
 from cmal.model import build_cmal, compile_network
 from cmal.optimizer import make_optimizer
-from cmal.tresnet import abn_kind_for, inplace_abn_available
+from cmal.precision import Precision
+from cmal.tresnet.abn import abn_kind_for, inplace_abn_available
 
 PROJECT = Path(__file__).resolve().parents[2]  # the folder that holds the cmal package
 
@@ -121,16 +122,15 @@ def measure(args):
         return {"matmul_gflops": matmul_gflops(device)}
     torch.manual_seed(0)
     graphs = settings.use_cuda_graph(args, device)
+    precision = Precision(args.amp, device)
     net = build_cmal(args.num_classes, layers=args.layers,
                      width_factor=args.width_factor, mid_channels=args.head_mid,
                      feature_channels=args.head_features, hidden=args.head_hidden,
-                     abn=abn_kind_for(args.abn, device, amp=args.amp != "none",
-                                      cuda_graph=graphs))
+                     abn=precision.abn_kind(args.abn, cuda_graph=graphs))
     net = net.to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    amp_dtype = settings.amp_dtype(args.amp)
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    amp_dtype, scaler = precision.dtype, precision.new_scaler()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-from cmal.tresnet.weights import WeightsError
+from cmal.errors import WeightsError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # A direct connection to the endpoint, tried before a download: huggingface_hub retries an

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from cmal.errors import UserError
+from cmal.errors import WeightsError
+from cmal.tresnet import hub
 
 # The publisher's files (Alibaba-MIIL). Both links answer 403 Forbidden since 2026-05
 # (Alibaba-MIIL/TResNet issue #57); a copy already in the cache (cache_dir) is still used.
@@ -46,10 +47,6 @@ _LIST_LIMIT = 12
 # What a run without --weights records, and init_lines turns into its warning.
 RANDOM_INIT = {"source": "random"}
 LOCAL_FILE = "a local file"  # the origin of a --weights path
-
-
-class WeightsError(UserError, RuntimeError):
-    """A weight file that cannot be used: missing, unreadable, unsafe or of another architecture."""
 
 
 class NotTorchFileError(WeightsError):
@@ -357,7 +354,6 @@ def resolve_source(source, timeout=30.0, progress=True):
     or a path."""
     source = str(source)
     if source in HUB_WEIGHTS:
-        from cmal.tresnet import hub  # late: hub imports this module's WeightsError
         repo_id, filename = HUB_WEIGHTS[source]
         return Resolved(hub.fetch(repo_id, filename, source),
                         f"the HuggingFace hub's {repo_id}")
