@@ -73,9 +73,18 @@ def epoch_line(record, cfg, best):
         line += (f" | {split} concat {t['acc_concat']:6.2f}% com2 {t['acc_com2']:6.2f}% combined "
                  f"{t['acc_combined']:6.2f}% (best {best:.2f}%) experts "
                  + "/".join(f"{t[f'acc_expert{i}']:.2f}" for i in (1, 2, 3)) + "%")
+    if t and t.get("localisation"):
+        line += " | " + short_localisation(t["localisation"])
     if record.get("skipped"):
         line += f" | {record['skipped']} bad images skipped"
     return line + f" | {record['time']:.0f}s"
+
+
+def short_localisation(loc):
+    """The epoch line's part of a localisation record: how often each crop box holds the
+    annotated part's centre (experts 1, 2, 3, joint)."""
+    from cmal.localisation import CROPS
+    return "part in crop " + "/".join(f"{loc[c]['pointing']:.0f}" for c in CROPS) + "%"
 
 
 class StopRequest:
@@ -693,6 +702,9 @@ def test_only(cfg, device, ck, path, test_loader):
             f"combined {result['acc_combined']:.2f}% loss {result['loss']:.4f} on "
             f"{result['samples']} images; experts 1, 2, 3 alone "
             + ", ".join(f"{result[f'acc_expert{i}']:.2f}%" for i in (1, 2, 3)))
+    if "localisation" in result:
+        from cmal.localisation import describe
+        log(describe(result["localisation"]))
     rows = per_class_rows(classes, result["confusion"])
     kind = methods.headline(cfg)
     log(f"beyond the paper's protocol: top-5 ({kind}) {result['acc_top5_combined']:.2f}%, "
