@@ -190,3 +190,23 @@ def test_the_baseline_has_no_attention_to_localise(tmp_path):
     given = {"data_path": str(data), "num_classes": 3, "output_dir": str(out)}
     assert train.main(given, TINY_ARGS + ["--epochs=1", "--method=baseline"]) == 0
     assert "localisation" not in _records(out)[0]["test"]
+
+
+def test_compare_at_equal_steps_tables_the_localisation(tmp_path, capsys):
+    from cmal.tools import demo
+    data = _boxed_folder(tmp_path / "data")
+    assert demo.main(["--compare", f"--compare_dir={tmp_path / 'cmp'}", f"--data_path={data}",
+                      "--num_classes=3", *TINY_ARGS, "--methods=no_joint_crop,baseline",
+                      "--seeds=0", "--epochs=1", "--equal_steps"]) == 0
+    printed = capsys.readouterr().out
+    assert ("equal optimizer steps: CMAL-Net, no joint-crop step 4 per batch x 1 epochs, "
+            "baseline (one head) 1 per batch x 5 epochs") in printed
+    assert len(_records(tmp_path / "cmp" / "baseline_seed0")) == 5
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| baseline (one head) | 1 | 5 |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| CMAL-Net, no joint-crop")]
+    assert len(rows) == 1 + len(loc.CROPS)  # accuracy, then one localisation row per crop
+    assert "| CMAL-Net, no joint-crop step | joint | " in table
+    assert "| baseline (one head) | joint" not in table  # no attention, no localisation
+    header = (tmp_path / "cmp" / "runs.csv").read_text().splitlines()[0]
+    assert "loc_joint_pointing" in header and "loc_expert1_chance_iou" in header
