@@ -252,8 +252,8 @@ LEGEND = ("acc: the combined score (the four heads of the raw pass and of the jo
           "validation split, each run's once-scored test being final_test in its last.pt); "
           "mean ± sample standard deviation over the seeds. Final experts: each expert's own "
           "accuracy (raw pass) at the last epoch, mean over the seeds. steps/batch: optimizer "
-          "steps per batch. Times: wall-clock seconds of training and of evaluation per epoch, and their "
-          "sum over the run (start-up excluded).")
+          "steps per batch. Times: wall-clock seconds of training and of evaluation per epoch, "
+          "and their sum over the run (start-up excluded).")
 
 
 def runs_csv(rows):
