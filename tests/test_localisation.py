@@ -210,3 +210,31 @@ def test_compare_at_equal_steps_tables_the_localisation(tmp_path, capsys):
     assert "| baseline (one head) | joint" not in table  # no attention, no localisation
     header = (tmp_path / "cmp" / "runs.csv").read_text().splitlines()[0]
     assert "loc_joint_pointing" in header and "loc_expert1_chance_iou" in header
+
+
+def test_attention_pictures_draw_the_annotated_box(tmp_path):
+    from matplotlib.colors import to_hex
+    from cmal.tools import attention
+    data = _boxed_folder(tmp_path / "data")
+    first, second = sorted((data / "test").rglob("*.jpg"))[:2]
+    # 40 x 40 images, resize 36, centre crop 32 (offset 2): (8, 10, 24, 30) -> (5.2, 7, 19.6, 25)
+    part = loc.find_part_box(second, 36, 32)
+    assert part == pytest.approx((8 * 0.9 - 2, 10 * 0.9 - 2, 24 * 0.9 - 2, 30 * 0.9 - 2))
+    image = np.zeros((32, 32, 3))
+    heats = [np.zeros((32, 32))] * 3
+    box = torch.tensor([0, 16, 0, 16])  # the part's centre (12.4, 16) lies on its exclusive edge
+    heads = [torch.zeros(3)] * 4
+    fig = attention.draw(second, image, image, heats, [box] * 3, heats[0], box, heads,
+                         torch.zeros(3), ["a", "b", "c"], ["4x4"] * 3, part=part)
+    dashed = [p for ax in fig.axes for p in ax.patches
+              if to_hex(p.get_edgecolor()) == attention.PART_COLOR]
+    assert len(dashed) == 5  # the input, the joint box's panel and the three experts'
+    titles = " ".join(" ".join(ax.get_title().split()) for ax in fig.axes)
+    assert titles.count("part centre outside box") == 4
+    box = torch.tensor([0, 17, 0, 16])
+    fig = attention.draw(second, image, image, heats, [box] * 3, heats[0], box, heads,
+                         torch.zeros(3), ["a", "b", "c"], ["4x4"] * 3, part=part)
+    titles = " ".join(" ".join(ax.get_title().split()) for ax in fig.axes)
+    assert titles.count("part centre in box") == 4
+    # An image of the folder without a box (the first one) is drawn as before.
+    assert loc.find_part_box(first, 36, 32) is None
