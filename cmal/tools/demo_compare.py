@@ -217,10 +217,10 @@ def localisation_table(results):
         for crop in CROPS:
             own, chance = [f[crop] for f in found], [f["chance"][crop] for f in found]
             cells = [LABELS[variant], crop, _spread([o["pointing"] for o in own], 1),
-                     _spread([o["iou"] for o in own]), _spread([o["area"] for o in own]),
+                     _spread([o["iou"] for o in own], 3), _spread([o["area"] for o in own]),
                      _spread([o["whole"] for o in own], 1),
                      _spread([c["pointing"] for c in chance], 1),
-                     _spread([c["iou"] for c in chance])]
+                     _spread([c["iou"] for c in chance], 3)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else None
 
