@@ -238,3 +238,18 @@ def test_attention_pictures_draw_the_annotated_box(tmp_path):
     assert titles.count("part centre in box") == 4
     # An image of the folder without a box (the first one) is drawn as before.
     assert loc.find_part_box(first, 36, 32) is None
+
+
+def test_the_oracle_crop_holds_the_mark_and_stays_inside_the_image(tmp_path):
+    from PIL import Image
+    from cmal.datasets.boxes import Box
+    from cmal.tools import demo, demo_oracle
+    assert demo_oracle.oracle_square(Box(2, 3, 10, 9), 96, 96) == (0, 0, 24, 24)  # clamped
+    assert demo_oracle.oracle_square(Box(40, 40, 50, 48), 96, 96) == (30, 29, 60, 59)
+    small = demo.FINE._replace(train_per_class=1, test_per_class=1)
+    root = demo.make_dataset(tmp_path / "fine", variant=small)
+    demo_oracle.make_oracle(root, tmp_path / "oracle")
+    for key, box in read_boxes(root / BOXES_FILE).items():
+        x0, y0, x1, y1 = demo_oracle.oracle_square(box, 96, 96)
+        assert x0 <= box.x0 and y0 <= box.y0 and box.x1 <= x1 and box.y1 <= y1
+        assert Image.open(tmp_path / "oracle" / key).size == (96, 96)
