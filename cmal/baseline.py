@@ -32,10 +32,11 @@ class BaselineNet(nn.Module):
         return self.head(self.global_pool(self.body(x)))
 
     @torch.no_grad()
-    def evaluation_logits(self, inputs):
-        """The one head's logits stand for concat, com2 and combined alike; no experts."""
+    def evaluation_logits(self, inputs, with_maps=False):
+        """The one head's logits stand for concat, com2 and combined alike; no experts (and
+        with `with_maps`, no attention maps: None)."""
         logits = self(inputs).float()
-        return logits, logits, logits, ()
+        return (logits, logits, logits, ()) + ((None,) if with_maps else ())
 
     def optimizer_modules(self):
         """The SGD's groups, the backbone last (optimizer.set_hyperparameters): head, body."""

@@ -412,13 +412,15 @@ class ImageDataset(Dataset):
     """(path, target) samples with a transform; a key is an index or an (index, seed) pair."""
 
     def __init__(self, samples, classes, transform, skip_bad=False,
-                 max_pixels=Image.MAX_IMAGE_PIXELS, draft_size=None):
+                 max_pixels=Image.MAX_IMAGE_PIXELS, draft_size=None, part_boxes=None):
         self.samples = samples
         self.classes = classes
         self.transform = transform
         self.skip_bad = skip_bad
         self.max_pixels = max_pixels
         self.draft_size = draft_size
+        # localisation.PartBoxes: each sample then also yields its annotated box (test transform)
+        self.part_boxes = part_boxes
 
     def __len__(self):
         return len(self.samples)
@@ -435,12 +437,14 @@ class ImageDataset(Dataset):
                                     "such files with a warning") from None
             warnings.warn(f"skipping {exc}")
             return None
+        part = () if self.part_boxes is None else \
+            (self.part_boxes.in_crop(index, img.size, self.draft_size is not None),)
         if seed is None:
-            return self.transform(img), target
+            return (self.transform(img), target, *part)
         # Seed a private copy of the CPU generator that torchvision's random transforms use.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            return self.transform(img), target
+            return (self.transform(img), target, *part)
 
 
 def mix_seed(*parts):
@@ -496,12 +500,13 @@ class EpochSampler(Sampler):
 
 
 def collate_skipping(batch):
-    """(inputs, targets, number of samples skipped as bad files)."""
+    """(inputs, targets, number of samples skipped as bad files), and where the dataset yields
+    annotated boxes, a fourth item: their (B, 4) tensor (localisation.py)."""
     kept = [b for b in batch if b is not None]
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch)
-    inputs, targets = default_collate(kept)
-    return inputs, targets, len(batch) - len(kept)
+    inputs, targets, *part = default_collate(kept)
+    return (inputs, targets, len(batch) - len(kept), *part)
 
 
 def shutdown_workers(*loaders):
@@ -659,8 +664,10 @@ def build_loaders(cfg, rank=0, world_size=1, pin_memory=False, holdout_method=HO
     draft = cfg.resize if cfg.fast_decode else None
     train_set = ImageDataset(samples["train"], classes, train_tf, cfg.skip_bad_images,
                              cfg.max_image_pixels, draft)
+    from cmal.localisation import part_boxes_of  # late: it imports the datasets package
     evaluated = {split: ImageDataset(samples[split], classes, test_tf, cfg.skip_bad_images,
-                                     cfg.max_image_pixels, draft)
+                                     cfg.max_image_pixels, draft,
+                                     part_boxes_of(samples[split], cfg))
                  for split in ("test", VAL_SPLIT) if split in samples}
     train = DataLoader(train_set, batch_size=cfg.batch_size // world_size, drop_last=True,
                        sampler=EpochSampler(len(train_set), cfg.seed, True, rank, world_size),

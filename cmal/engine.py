@@ -6,7 +6,7 @@ Every entry point (the three dataset scripts, train.py, the demo, the benchmark)
 import torch
 from tqdm import tqdm
 
-from cmal import distributed
+from cmal import distributed, localisation
 from cmal.distributed import unwrap
 from cmal.errors import NON_FINITE_FIXES, NonFiniteError  # noqa: F401 (engine's API)
 from cmal.methods import ABLATIONS
@@ -208,11 +208,12 @@ def summarise_train(stats):
 
 
 @torch.no_grad()
-def evaluation_logits(model, inputs):
+def evaluation_logits(model, inputs, with_maps=False):
     """(concat, com2, combined, experts) logits of a batch in float32, as evaluate scores them:
     the network's own `evaluation_logits` (CMAL-Net's combined scores; the baseline's one head
-    stands for all three and has no experts)."""
-    return unwrap(model).evaluation_logits(inputs)
+    stands for all three and has no experts). `with_maps`: a fifth item, the experts' attention
+    maps (the baseline's: None)."""
+    return unwrap(model).evaluation_logits(inputs, with_maps)
 
 
 def ranking_logits(model, inputs):
@@ -238,6 +239,10 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     combined accuracy of the image and its mirror image scored together (acc_combined_flip).
     `scores(model, inputs)`: what computes evaluation_logits under --amp (cuda_graph.GraphedScores);
     by default evaluation_logits itself.
+
+    Where the loader yields annotated boxes (a fourth item per batch: the dataset has a
+    boxes.csv), CMAL-Net's result also holds "localisation": how its crop boxes match them
+    (cmal/localisation.py).
     """
     model = unwrap(net)  # no DDP wrapper: ranks may hold different numbers of test batches
     model.eval()
@@ -245,15 +250,24 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     # correct: concat, com2, combined; loss sum; samples; correct: top-5, flipped, experts 1-3
     sums = torch.zeros(10, dtype=torch.float64, device=device)
     confusion = torch.zeros((num_classes or 0) ** 2, dtype=torch.float64, device=device)
+    # Attention localisation, where the loader yields annotated boxes (cmal/localisation.py).
+    located = torch.zeros(localisation.NUM_SUMS, dtype=torch.float64, device=device)
+    chance = localisation.chance_generator()
     stopped = False
 
-    def score(inputs):
+    def score(inputs, with_maps=False):
         if scores is not None:
-            return scores(model, inputs)
+            logits = scores(model, inputs)
+            if not with_maps:
+                return logits
+            # The graphed scores keep no maps: one more eager raw pass computes them.
+            with _autocast(device, amp_dtype):
+                maps = attention_maps(model, model(inputs)) if hasattr(model, "experts") else None
+            return (*logits, maps)
         with _autocast(device, amp_dtype):
-            return evaluation_logits(model, inputs)
-    for inputs, targets, _ in tqdm(loader, desc="test", leave=False, dynamic_ncols=True,
-                                   disable=not progress):
+            return evaluation_logits(model, inputs, with_maps)
+    for inputs, targets, _, *part in tqdm(loader, desc="test", leave=False, dynamic_ncols=True,
+                                          disable=not progress):
         if should_stop is not None and should_stop():
             stopped = True
             break
@@ -263,7 +277,9 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
-        concat, com2, com, experts = score(inputs)
+        concat, com2, com, experts, *maps = score(inputs, with_maps=bool(part))
+        if maps and maps[0] is not None:
+            located += localisation.batch_sums(maps[0], part[0], inputs.shape[2:], chance)
         loss = criterion(concat, targets) * len(targets)
         predicted = com.argmax(1)
         top5 = flipped = sums.new_tensor(0.0)
@@ -283,9 +299,11 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
                              loss.double(), sums.new_tensor(len(targets)), top5, flipped,
                              *experts_correct])
     # Ranks hold different numbers of test batches: agree on stopping only after the loop.
-    *totals, stopped = distributed.all_reduce_sum(sums.tolist() + confusion.tolist() + [float(stopped)])
+    *totals, stopped = distributed.all_reduce_sum(sums.tolist() + confusion.tolist()
+                                                  + located.tolist() + [float(stopped)])
     if stopped:
         return None
+    totals, located = totals[:-localisation.NUM_SUMS], totals[-localisation.NUM_SUMS:]
     correct_concat, correct_com2, correct_com, loss_sum, n, top5, flipped = totals[:7]
     n = max(n, 1)
     result = {"acc_concat": 100.0 * correct_concat / n, "acc_com2": 100.0 * correct_com2 / n,
@@ -298,4 +316,7 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
         result["confusion"] = counts.long().tolist()
     if flip:
         result["acc_combined_flip"] = 100.0 * flipped / n
+    located = localisation.summarise(located)
+    if located is not None:
+        result["localisation"] = located
     return result

@@ -76,10 +76,11 @@ class CMALNet(nn.Module):
                 self.classifier2, self.conv_block3, self.classifier3, self.Features]
 
     @torch.no_grad()
-    def evaluation_logits(self, inputs):
-        """(concat, com2, combined, experts' logits) of a batch, as evaluation scores it."""
+    def evaluation_logits(self, inputs, with_maps=False):
+        """(concat, com2, combined, experts' logits) of a batch, as evaluation scores it; with
+        `with_maps`, the experts' attention maps too."""
         s = combined_scores(self, inputs)
-        return s.heads[3], s.com2, s.com, tuple(s.heads[:3])
+        return (s.heads[3], s.com2, s.com, tuple(s.heads[:3])) + ((s.maps,) if with_maps else ())
 
     def forward(self, x):
         feats = self.Features(x)

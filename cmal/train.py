@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from cmal import checkpoint as ckpt_io
 from cmal import distributed
-from cmal import methods
+from cmal import localisation, methods
 from cmal import settings
 from cmal.data import (DatasetError, build_loaders, holdout_change, holdout_method_of, mix_seed,
                        shutdown_workers)
@@ -67,9 +67,17 @@ def epoch_line(record, cfg, best):
     t = ckpt_io.evaluated(record)
     if t:
         line += " | " + method.scores_text(t, best, "val" if record.get("val") else "test")
+    if t and t.get("localisation"):
+        line += " | " + short_localisation(t["localisation"])
     if record.get("skipped"):
         line += f" | {record['skipped']} bad images skipped"
     return line + f" | {record['time']:.0f}s"
+
+
+def short_localisation(loc):
+    """The epoch line's part of a localisation record: how often each crop box holds the
+    annotated part's centre (experts 1, 2, 3, joint)."""
+    return "part in crop " + "/".join(f"{loc[c]['pointing']:.0f}" for c in localisation.CROPS) + "%"
 
 
 class StopRequest:
@@ -681,6 +689,8 @@ def test_only(cfg, device, ck, path, test_loader):
                       scores=GraphedScores(precision.dtype)
                       if settings.use_cuda_graph(cfg, device) else None)
     log(f"{path}: {methods.method_of(cfg).test_only_text(result)}")
+    if "localisation" in result:
+        log(localisation.describe(result["localisation"]))
     rows = per_class_rows(classes, result["confusion"])
     kind = methods.method_of(cfg).headline
     log(f"beyond the paper's protocol: top-5 ({kind}) {result['acc_top5_combined']:.2f}%, "

@@ -7,7 +7,10 @@ each expert's class activation map (for the class that expert predicts) as a hea
 box of its attention crop, the joint map and box of the three experts, the joint crop that the
 second evaluation pass classifies, and the prediction of every head: expert 1, 2, 3, concat, and
 the combined score that evaluation ranks by. Heat maps are upsampled bilinearly and min-max
-normalised, as the attention crops compute them; boxes use theta 0.5 and padding 0.1.
+normalised, as the attention crops compute them; boxes use theta 0.5 and padding 0.1. Where the
+image's dataset has a boxes.csv (the demo's marks, Cars', Aircraft's or CUB's boxes), the
+annotated box is drawn too, dashed, on the input and beside every crop box, and each crop's
+title says whether it holds the annotated box's centre (cmal/localisation.py).
 """
 import sys
 import textwrap
@@ -25,10 +28,12 @@ from cmal.scores import combined_scores
 from cmal.errors import run_command
 from cmal.inference import (ToolError, batches, check_output, find_images, load_images, load_model,
                        tool_parser)
+from cmal.localisation import find_part_box
 from cmal.utils import attention_box, highlight_box, joint_map, normalised_map
 
 EXPERT_LAYERS = ("layer2", "layer3", "layer4")
 BOX_COLOR = "#00ff66"
+PART_COLOR = "#ff33cc"  # the annotated box
 
 
 def parse_args(argv):
@@ -82,11 +87,11 @@ def _prediction(logits, classes):
     return f"{classes[i]} ({p[i]:.2f})"
 
 
-def _box(ax, box, color=BOX_COLOR, width=2.0):
-    top, bottom, left, right = (int(v) for v in box)
+def _box(ax, box, color=BOX_COLOR, width=2.0, style="-"):
+    top, bottom, left, right = (float(v) for v in box)
     # Pixel i covers [i - 0.5, i + 0.5] in imshow coordinates; the box ends are exclusive.
     rect = Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
-                     edgecolor=color, linewidth=width)
+                     edgecolor=color, linewidth=width, linestyle=style)
     rect.set_path_effects([patheffects.Stroke(linewidth=width + 2, foreground="black"),
                            patheffects.Normal()])
     ax.add_patch(rect)
@@ -97,43 +102,59 @@ def _title(ax, text, width=42):
     ax.set_title("\n".join(lines), fontsize=9)
 
 
-def _panel(ax, image, heat=None, box=None):
+def _panel(ax, image, heat=None, box=None, part=None):
     ax.imshow(image)
     if heat is not None:
         ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    if part is not None:  # x0, y0, x1, y1 -> top, bottom, left, right
+        _box(ax, (part[1], part[3], part[0], part[2]), PART_COLOR, 1.5, "--")
     if box is not None:
         _box(ax, box)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
+def _on_part(box, part):
+    """", part centre in box" or ", part centre outside box" (nothing without a part box)."""
+    if part is None:
+        return ""
+    top, bottom, left, right = (float(v) for v in box)
+    cx, cy = (part[0] + part[2]) / 2, (part[1] + part[3]) / 2
+    inside = left <= cx < right and top <= cy < bottom
+    return ", part centre " + ("in box" if inside else "outside box")
+
+
 def draw(path, image, crop, heats, boxes, joint_map, joint_box, heads, com, classes, map_sizes,
-         label=None):
+         label=None, part=None):
     """The figure of one image: arrays and tensors of that sample only, on the CPU. `heats` are
-    the experts' normalised maps at image size, `map_sizes` their native resolutions."""
+    the experts' normalised maps at image size, `map_sizes` their native resolutions; `part` the
+    annotated box (x0, y0, x1, y1 in the input's pixels) or None."""
     fig = Figure(figsize=(10.5, 8.0), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 3)
     H, W = image.shape[:2]
-    _panel(axes[0, 0], image)
-    _title(axes[0, 0], f"input {W}x{H} as the network sees it\n"
-                       f"concat head: {_prediction(heads[3], classes)}")
-    _panel(axes[0, 1], image, joint_map, joint_box)
-    _title(axes[0, 1], "joint map and box (experts 1+2+3)\n"
+    _panel(axes[0, 0], image, part=part)
+    _title(axes[0, 0], f"input {W}x{H} as the network sees it"
+                       + (" (dashed: annotated part)" if part is not None else "")
+                       + f"\nconcat head: {_prediction(heads[3], classes)}")
+    _panel(axes[0, 1], image, joint_map, joint_box, part)
+    _title(axes[0, 1], f"joint map and box (experts 1+2+3){_on_part(joint_box, part)}\n"
                        f"com2 (4 heads, raw pass): {_prediction(sum(heads), classes)}")
     _panel(axes[0, 2], crop)
     _title(axes[0, 2], f"joint crop (second pass)\ncombined: {_prediction(com, classes)}")
     for i in range(3):
         ax = axes[1, i]
-        _panel(ax, image, heats[i], boxes[i])
-        _title(ax, f"expert {i + 1} ({EXPERT_LAYERS[i]}, {map_sizes[i]} map)\n"
+        _panel(ax, image, heats[i], boxes[i], part)
+        _title(ax, f"expert {i + 1} ({EXPERT_LAYERS[i]}, {map_sizes[i]} map)"
+                   f"{_on_part(boxes[i], part)}\n"
                    f"{_prediction(heads[i], classes)}")
     heading = f"{path}" + (f"   (folder label: {label})" if label else "")
     fig.suptitle(textwrap.fill(heading, 110), fontsize=10)
     fig.supxlabel(textwrap.fill(
         "heat maps: each expert's class activation map for the class it predicts, upsampled and "
         "min-max normalised (jet: blue low, red high); green boxes: attention crops (theta 0.5, "
-        "padding 0.1); scores: softmax of the head's logits, combined: of the 8 summed logits",
+        "padding 0.1); dashed magenta: the annotated part (boxes.csv), where there is one; "
+        "scores: softmax of the head's logits, combined: of the 8 summed logits",
         150), fontsize=8, color="0.3")
     return fig
 
@@ -156,10 +177,11 @@ def render(model, classes, cfg, paths, names, out_dir, skip_bad=False, batch_siz
         map_sizes = [f"{a.shape[1]}x{a.shape[2]}" for a in s.maps]
         for b, path in enumerate(kept):
             label = path.parent.name if path.parent.name in classes else None
+            part = find_part_box(path, cfg.resize, cfg.image_size)
             fig = draw(path, to_image(inputs[b]), to_image(s.crop[b]),
                        [h[b].numpy() for h in heats], [bx[b] for bx in boxes], joint[b].numpy(),
                        joint_boxes[b], [h[b].cpu() for h in s.heads], s.com[b].cpu(), classes,
-                       map_sizes, label)
+                       map_sizes, label, part)
             target = Path(out_dir) / name_of[path]
             try:
                 fig.savefig(target)

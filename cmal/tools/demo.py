@@ -12,16 +12,24 @@ apart means finding that small region: what the attention crops are for.
     python -m cmal.tools.demo --epochs=20     # any train.py setting can be overridden
     python -m cmal.tools.demo --compare       # CMAL-Net, the baseline and an ablation over 3
                                               # seeds, and a table (cmal/tools/demo_compare.py)
+    python -m cmal.tools.demo --variant=fine  # the variant where only zooming in tells the
+                                              # classes apart (data/demo_fine, FINE below)
+
+Both variants write DATA/boxes.csv beside the images (cmal/datasets/boxes.py's format): each
+image's mark box, the annotated part that evaluation's attention localisation is measured
+against (cmal/localisation.py).
 """
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from cmal import settings
 from cmal import train
+from cmal.datasets.boxes import BOXES_FILE, write_boxes
 
 DATA = Path("data") / "demo"  # beside the run folder, in the working folder
 MARKS = ("plus", "cross", "ring", "bar", "dots", "triangle")
@@ -35,7 +43,9 @@ BODY = (12, 18)  # range of the body half-length at 96 px (scaled with IMAGE_SIZ
 IMAGE_SIZE = 96
 TRAIN_PER_CLASS = 200
 TEST_PER_CLASS = 50
-GENERATOR_VERSION = "3"  # bump when the images change, so old copies are regenerated
+# Bump when the images change, so old copies are regenerated. "4": the same images as "3",
+# with boxes.csv.
+GENERATOR_VERSION = "4"
 
 # The reduced network and schedule of the demo; any of these can be overridden on the command line.
 SETTINGS = dict(
@@ -62,9 +72,51 @@ SETTINGS = dict(
 )
 
 
-def _clutter(draw, rng, size):
+class Variant(NamedTuple):
+    """One generated dataset and the settings the demo trains on it with."""
+    name: str
+    data: Path
+    marks: tuple
+    colors: tuple  # of each mark, in the order of `marks`
+    mark_scale: float  # mark radius relative to the head radius
+    avoid: Optional[tuple]  # a colour the clutter keeps away from (None: any colour)
+    train_per_class: int
+    test_per_class: int
+    version_suffix: str  # of the generation stamp
+    settings: dict
+    compare: dict  # the defaults of `demo --compare` (demo_compare.parse)
+
+
+DEFAULT = Variant("default", DATA, MARKS, MARK_COLORS, MARK_SCALE, None, TRAIN_PER_CLASS,
+                  TEST_PER_CLASS, "", SETTINGS,
+                  dict(methods="cmal,baseline,no_crops", compare_dir="Results_demo_compare",
+                       equal_steps=False))
+
+# The fine variant: four classes told apart by the shape of a small mark of one colour (yellow,
+# a colour the clutter avoids, so that the mark is easy to find and hard to read). Its radius is
+# half the head's (3.3 to 5 px: a 7 to 10 px mark on a 96 px image, about one cell of layer2's
+# 12 x 12 map). At 0.4 (5 to 8 px) CMAL-Net stayed at chance for three epochs (lr 0.005); README
+# "Does the attention find the part that matters?" gives what was measured.
+FINE_DATA = Path("data") / "demo_fine"
+FINE_MARKS = ("plus", "cross", "ring", "triangle")
+FINE = Variant(
+    "fine", FINE_DATA, FINE_MARKS, ((250, 220, 30),) * len(FINE_MARKS), 0.5, (250, 220, 30),
+    200, 50, "-fine2",
+    # lr 0.01: the shape alone is learnt more slowly than the default demo's colours.
+    dict(SETTINGS, data_path=str(FINE_DATA), num_classes=len(FINE_MARKS), epochs=10, lr=0.01,
+         backbone_lr=0.01, output_dir="Results_demo_fine"),
+    dict(methods="cmal,no_crops,no_joint_crop,baseline", compare_dir="Results_demo_fine_compare",
+         equal_steps=True))
+VARIANTS = {v.name: v for v in (DEFAULT, FINE)}
+
+
+def _clutter(draw, rng, size, avoid=None):
+    """Random rectangles, ellipses and lines; with `avoid`, no colour near that one (the fine
+    variant's mark colour stays unique, so that finding the mark is easy and reading it is not)."""
     for _ in range(rng.integers(18, 30)):
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if avoid is not None and sum(abs(a - b) for a, b in zip(color, avoid)) < 200:
+            color = tuple(255 - c for c in color)  # the opposite colour: far from `avoid`
         x0, y0 = rng.integers(-10, size, 2)
         w, h = rng.integers(4, size // 3, 2)
         kind = rng.integers(3)
@@ -101,12 +153,15 @@ def _mark(draw, kind, cx, cy, r, angle, color):
         draw.polygon([rot(0, -r), rot(r * 0.9, r * 0.6), rot(-r * 0.9, r * 0.6)], fill=color)
 
 
-def render(kind, rng, size=None):
-    """One image of class `kind`: clutter, a bird-like body, and the class mark on its head."""
+def render(kind, rng, size=None, variant=None, with_mark=True):
+    """(image, mark box) of class `kind`: clutter, a bird-like body, and the class mark on its
+    head. The box (x0, y0, x1, y1, x1 and y1 exclusive) bounds the mark's drawn pixels.
+    `with_mark=False` draws the same image without its mark (what the tests compare)."""
+    variant = variant or DEFAULT
     size = size or IMAGE_SIZE
     img = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(60, 200, 3)))
     draw = ImageDraw.Draw(img)
-    _clutter(draw, rng, size)
+    _clutter(draw, rng, size, variant.avoid)
     body = int(rng.integers(round(BODY[0] * size / 96), round(BODY[1] * size / 96)))
     cx, cy = rng.integers(body + 8, size - body - 8, 2)
     heading = rng.uniform(0, 2 * math.pi)
@@ -117,46 +172,78 @@ def render(kind, rng, size=None):
     head = body * 0.55
     draw.ellipse([hx - head, hy - head, hx + head, hy + head], fill=(shade + 20,) * 3,
                  outline=(20, 20, 20))
-    color = MARK_COLORS[MARKS.index(kind)]
-    _mark(draw, kind, hx, hy, head * MARK_SCALE, rng.uniform(-0.3, 0.3), color)
-    return img
+    color = variant.colors[variant.marks.index(kind)]
+    r, angle = head * variant.mark_scale, rng.uniform(-0.3, 0.3)
+    # The same strokes on a blank mask give the mark's exact pixels, hence its box.
+    mask = Image.new("L", (size, size), 0)
+    _mark(ImageDraw.Draw(mask), kind, hx, hy, r, angle, 255)
+    if with_mark:
+        _mark(draw, kind, hx, hy, r, angle, color)
+    return img, mask.getbbox()
 
 
-def make_dataset(root=DATA, seed=0):
-    """Write root/{train,test}/<mark>/*.jpg once; a stamp records a complete generation."""
-    root = Path(root)
+def make_dataset(root=None, seed=0, variant=None):
+    """Write root/{train,test}/<mark>/*.jpg and root/boxes.csv (each image's mark box) once; a
+    stamp records a complete generation."""
+    variant = variant or DEFAULT
+    root = Path(root or variant.data)
     stamp = root / ".complete"
-    if stamp.exists() and stamp.read_text() == GENERATOR_VERSION:
+    version = GENERATOR_VERSION + variant.version_suffix
+    if stamp.exists() and stamp.read_text() == version:
         return root
     rng = np.random.default_rng(seed)
-    for split, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        for kind in MARKS:
+    boxes = {}
+    for split, count in (("train", variant.train_per_class), ("test", variant.test_per_class)):
+        for kind in variant.marks:
             folder = root / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                render(kind, rng).save(folder / f"{kind}_{i:03d}.jpg", quality=95)
-    stamp.write_text(GENERATOR_VERSION)
-    print(f"demo dataset: {len(MARKS)} classes, {TRAIN_PER_CLASS} train and {TEST_PER_CLASS} test "
-          f"images each, in {root}")
+                img, box = render(kind, rng, variant=variant)
+                name = f"{kind}_{i:03d}.jpg"
+                img.save(folder / name, quality=95)
+                boxes[f"{split}/{kind}/{name}"] = box
+    write_boxes(root / BOXES_FILE, boxes)
+    stamp.write_text(version)
+    print(f"demo dataset ({variant.name}): {len(variant.marks)} classes, "
+          f"{variant.train_per_class} train and {variant.test_per_class} test images each, "
+          f"in {root}, mark boxes in {root / BOXES_FILE}")
     return root
 
 
 def prepare_data(cfg):
-    """Generate the demo dataset when the run reads it (not for another --data_path)."""
-    if Path(cfg.data_path) == DATA:
-        make_dataset()
+    """Generate a demo dataset when the run reads it (not for another --data_path)."""
+    for variant in VARIANTS.values():
+        if Path(cfg.data_path) == variant.data:
+            make_dataset(variant=variant)
+
+
+def pop_variant(argv):
+    """(the Variant named by --variant=NAME, default DEFAULT; argv without that option)."""
+    names, rest = [], []
+    for arg in argv:
+        if arg.startswith("--variant="):
+            names.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    if len(names) > 1 or (names and names[0] not in VARIANTS):
+        sys.exit(f"--variant: expected one of {', '.join(VARIANTS)}, got "
+                 f"{', '.join(names) or 'nothing'}")
+    return VARIANTS[names[0] if names else "default"], rest
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    variant, argv = pop_variant(argv)
     if "--compare" in argv:
         from cmal.tools import demo_compare
-        return demo_compare.main([a for a in argv if a != "--compare"], SETTINGS, prepare_data)
+        return demo_compare.main([a for a in argv if a != "--compare"], variant.settings,
+                                 prepare_data, variant.compare)
     description = (__doc__.split("\n")[0] + " With --compare: CMAL-Net against the plain "
-                   "fine-tuning baseline and ablations over seeds (--compare --help).")
-    cfg = settings.parse(SETTINGS, argv, description)  # --help and bad options, before any work
+                   "fine-tuning baseline and ablations over seeds (--compare --help); with "
+                   "--variant=fine: the variant that needs zooming in.")
+    cfg = settings.parse(variant.settings, argv, description)  # --help and bad options first
     prepare_data(cfg)
-    return train.main(SETTINGS, argv, description=description)
+    return train.main(variant.settings, argv, description=description)
 
 
 if __name__ == "__main__":
