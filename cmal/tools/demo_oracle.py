@@ -7,13 +7,16 @@ in which every image is cropped to a square around its annotated mark (ORACLE_SC
 mark's longer side, at least MIN_SIDE px, kept inside the image) and resized back to the image
 size: what an attention crop that found the mark exactly would show. Training the same network
 on it and on SOURCE, for the same steps, measures what zooming in is worth on this data,
-independently of whether CMAL-Net's attention finds the mark (README, "Does the attention find
-the part that matters?").
+independently of whether CMAL-Net's attention finds the mark (docs/evidence.md, "Does the
+attention find the part that matters?").
 """
+import argparse
 import sys
 from pathlib import Path
 
 from PIL import Image
+
+from cmal.errors import UserError, run_command
 
 from cmal.datasets.boxes import BOXES_FILE, read_boxes
 
@@ -42,17 +45,27 @@ def make_oracle(source, out):
     print(f"{len(boxes)} images of {source} cropped to their marks in {out}")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) > 2 or any(a.startswith("-") for a in argv):
-        sys.exit(__doc__)
-    source = argv[0] if argv else "data/demo_fine"
-    if not (Path(source) / BOXES_FILE).is_file():
-        sys.exit(f"{source}/{BOXES_FILE} not found: generate the fine demo first (python -m "
-                 "cmal.tools.demo --variant=fine generates it before it trains), or pass the "
-                 "folder of a dataset with a boxes.csv")
-    make_oracle(source, argv[1] if len(argv) > 1 else "data/demo_fine_oracle")
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("source", nargs="?", default="data/demo_fine",
+                   help="a dataset folder with a boxes.csv (default: the fine demo's)")
+    p.add_argument("out", nargs="?", default="data/demo_fine_oracle",
+                   help="where the cropped copy goes")
+    return p.parse_args(argv)
+
+
+def run(argv=None):
+    args = parse(argv)
+    if not (Path(args.source) / BOXES_FILE).is_file():
+        raise UserError(f"{args.source}/{BOXES_FILE} not found: generate the fine demo first "
+                        "(python -m cmal.tools.demo --variant=fine generates it before it "
+                        "trains), or pass the folder of a dataset with a boxes.csv")
+    make_oracle(args.source, args.out)
     return 0
+
+
+def main(argv=None):
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":
