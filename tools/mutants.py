@@ -70,9 +70,8 @@ MUTANTS = (
      '"".join(test_line(e, t) for e, t in tests)', '"".join(test_line(e + 1, t) for e, t in tests)'),
     ("log_jsonl_epoch_from_0 (control)", "cmal/checkpoint.py",
      '{**r, "epoch": r["epoch"] + 1}', '{**r, "epoch": r["epoch"]}'),
-    ("console_combined_from_com2", "cmal/train.py",
-     "f\"{t['acc_combined']:6.2f}% (best {best:.2f}%) experts \"",
-     "f\"{t['acc_com2']:6.2f}% (best {best:.2f}%) experts \""),
+    ("console_combined_from_com2", "cmal/methods.py",
+     "f\"{t['acc_combined']:6.2f}%{best_text}\"", "f\"{t['acc_com2']:6.2f}%{best_text}\""),
     # -- what a run selects, and evaluation ----------------------------------------------------
     ("best_on_concat", "cmal/train.py",
      'is_best = scored is not None and scored["acc_combined"] > state.best_acc',
