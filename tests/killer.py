@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmal import checkpoint  # noqa: E402
 from cmal import engine  # noqa: E402
+from cmal import scores  # noqa: E402
 from cmal import train  # noqa: E402
 
 kind, target = sys.argv[1], int(sys.argv[2])
@@ -66,7 +67,8 @@ elif kind == "write":
         original_write(path, half_then_die)
     checkpoint._atomic_write = atomic_write
 elif kind in ("eval", "evalterm"):
-    original_evaluate, original_highlight = train.evaluate, engine.highlight_im
+    # Evaluation's joint crop is computed in cmal/scores.py (the network's evaluation_logits).
+    original_evaluate, original_highlight = train.evaluate, scores.highlight_im
     inside = [False]
 
     def highlight_im(*args, **kwargs):
@@ -80,7 +82,7 @@ elif kind in ("eval", "evalterm"):
             return original_evaluate(*args, **kwargs)
         finally:
             inside[0] = False
-    engine.highlight_im, train.evaluate = highlight_im, evaluate
+    scores.highlight_im, train.evaluate = highlight_im, evaluate
 elif kind != "none":
     raise SystemExit(f"unknown kind {kind}")
 
