@@ -32,7 +32,7 @@ from cmal.errors import run_command
 from cmal.model import build_cmal, compile_network
 from cmal.optimizer import make_optimizer
 from cmal.precision import Precision
-from cmal.tresnet.abn import abn_kind_for, inplace_abn_available
+from cmal.tresnet.abn import inplace_abn_available
 
 PROJECT = Path(__file__).resolve().parents[2]  # the folder that holds the cmal package
 
@@ -336,9 +336,10 @@ def _describe(args, device, per_configuration=True):
             f"batch {args.batch_size}, {args.num_classes} classes, layers {args.layers}, width "
             f"{args.width_factor}")
     if per_configuration:
+        graphs = settings.use_cuda_graph(args, device)
+        abn = Precision(args.amp, device).abn_kind(args.abn, cuda_graph=graphs)
         line += (f", amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
-                 f"abn {args.abn} ({abn_kind_for(args.abn, device, amp=args.amp != 'none')}), "
-                 f"sgd {args.sgd}, cuda_graph {settings.use_cuda_graph(args, device)}")
+                 f"abn {args.abn} ({abn}), sgd {args.sgd}, cuda_graph {graphs}")
     print(line)
 
 
