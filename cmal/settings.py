@@ -280,12 +280,13 @@ def given_on_command_line(argv):
     return set(vars(namespace))
 
 
-def from_checkpoint_for(cfg, saved, given, path, evaluation=False):
+def from_checkpoint_for(cfg, saved, given, path, evaluation=False, stopped_in=None):
     """`cfg` with the settings a checkpoint decides: all but CHANGEABLE_ON_RESUME (and RECORDING
     settings given on the command line) when resuming, EVALUATED_AS_TRAINED when evaluating. A
     command-line value that contradicts the checkpoint is refused naming both; a default or
     script value is replaced, and named in the returned notes. --epochs may grow with --extend
-    once the run is finished."""
+    once the run is finished; `stopped_in`: where an unfinished run stopped (as "the end of
+    epoch 2"), whose refusal says to finish it first."""
     saved = Settings.from_checkpoint(saved)
     decided = EVALUATED_AS_TRAINED if evaluation else set(NAMES) - CHANGEABLE_ON_RESUME
     if not evaluation:
@@ -302,8 +303,14 @@ def from_checkpoint_for(cfg, saved, given, path, evaluation=False):
         else:
             notes.append(f"{name}={_show(then)}")
     if conflicts:
-        hint = (" To train a finished run for more epochs, add --extend." if any(
-            c.startswith("--epochs=") for c in conflicts) else "")
+        hint = ""
+        if any(c.startswith("--epochs=") for c in conflicts):
+            # --extend refuses an unfinished run: saying "add --extend" would send the user to
+            # a second refusal.
+            hint = (" To train a finished run for more epochs, add --extend." if stopped_in is None
+                    else f" The run stopped at {stopped_in} of {saved.epochs}: finish it "
+                    "with --resume alone; then --resume --extend --epochs=N (N above "
+                    f"{saved.epochs}) trains it further.")
         raise SettingsError(f"{path} holds a run whose settings these options contradict: "
                             + "; ".join(conflicts) + ". Leave them out to continue as it was "
                             "trained, or start a new run in another --output_dir." + hint)

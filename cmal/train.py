@@ -267,11 +267,13 @@ def evaluated_path(cfg):
 def settings_of_checkpoint(cfg, ck, given, path):
     """The settings a resumed run or an evaluation takes from its checkpoint (see
     settings.from_checkpoint_for), and --extend's conditions."""
-    cfg, notes = settings.from_checkpoint_for(cfg, ck["settings"], given, path, cfg.test_only)
-    extending = cfg.extend and not cfg.test_only
-    if extending:
-        trained = ck["settings"]["epochs"]
-        if ck["epoch"] < trained or ck["stats"]:
+    trained = ck["settings"]["epochs"]
+    unfinished = ck["epoch"] < trained or bool(ck["stats"])
+    cfg, notes = settings.from_checkpoint_for(cfg, ck["settings"], given, path, cfg.test_only,
+                                              stopped_in=(ckpt_io.describe_progress(ck) if unfinished
+                                                          else None))
+    if cfg.extend and not cfg.test_only:
+        if unfinished:
             raise settings.SettingsError(
                 f"--extend continues a finished run, and {path} stopped in epoch "
                 f"{ck['epoch'] + 1} of {trained}: resume it without --extend first")

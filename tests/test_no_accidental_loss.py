@@ -76,6 +76,24 @@ def test_extend_without_resume_is_refused(data, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_more_epochs_for_an_unfinished_run_says_to_finish_it_first(data, tmp_path, monkeypatch,
+                                                                  capsys):
+    # "add --extend" here led to a second refusal: --extend continues only a finished run.
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        calls = iter(range(1, 100))  # 6 iterations and one check at the epoch's end: the 7th
+        m.setattr(train.StopRequest, "requested", lambda self: next(calls) == 7)
+        assert _train(data, out, "--epochs=3", "--eval_every=1") == 143
+    before = snapshot(out)
+    capsys.readouterr()
+    assert _train(data, out, "--resume", "--epochs=5") == 2
+    err = capsys.readouterr().err
+    assert "--epochs=5 (it was trained with 3)" in err and "add --extend" not in err
+    assert "The run stopped at the end of epoch 1 of 3: finish it with --resume alone; then " \
+           "--resume --extend --epochs=N (N above 3) trains it further." in err
+    assert snapshot(out) == before
+
+
 # --- a finished run, resumed ---------------------------------------------------------------
 
 def test_resuming_a_finished_run_says_so_and_writes_nothing(data, finished, capsys):
