@@ -48,6 +48,14 @@ RUN_FILES = ("last.pt", "best.pt", TRAIN_LOG, TEST_LOG, JSON_LOG, SUMMARY, SETTI
 # The reports --test_only writes beside the run's own checkpoints (CHECKPOINT-STEM_evaluation/):
 # they describe those files, and go with them.
 RUN_REPORTS = ("last_evaluation", "best_evaluation")
+# What cmal-export writes (cmal/export.py takes the names from here): exported into a run's
+# folder, they describe its checkpoints and go with them.
+EXPORT_FILE_NAMES = {"export": "model.pt2", "torchscript": "model.ts", "onnx": "model.onnx"}
+EXPORT_MANIFEST = "model.json"
+EXPORT_FILES = (*EXPORT_FILE_NAMES.values(), EXPORT_MANIFEST)
+# Where a run moves the report and export of a checkpoint it replaces by another state (a
+# resumed or extended run): kept, but no longer beside a checkpoint they do not describe.
+SUPERSEDED_DIR = "superseded"
 LOCK_NAME = ".run.lock"
 
 
@@ -140,11 +148,11 @@ class RunLock:
 
 
 def clear_run_files(out_dir):
-    """Remove a previous run's checkpoints, logs, TensorBoard events and the evaluation reports
-    of its checkpoints (--overwrite), so that none of them can be mistaken for the new run's;
-    returns the names removed."""
+    """Remove a previous run's checkpoints, logs, TensorBoard events, and the evaluation reports
+    and export of its checkpoints (--overwrite), so that none of them can be mistaken for the new
+    run's; returns the names removed."""
     removed = []
-    for name in RUN_FILES + RUN_REPORTS:
+    for name in RUN_FILES + RUN_REPORTS + (SUPERSEDED_DIR,) + EXPORT_FILES:
         path = Path(out_dir) / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -158,10 +166,11 @@ def clear_run_files(out_dir):
 
 def previous_run_files(out_dir):
     """What in `out_dir` holds a previous run's work, as names ('tensorboard/' for a folder):
-    its checkpoints, logs of at least one epoch, TensorBoard events and evaluation reports.
-    settings.json and the empty logs of a run that ended inside its first epoch hold none."""
+    its checkpoints, logs of at least one epoch, TensorBoard events, evaluation reports and an
+    export. settings.json and the empty logs of a run that ended inside its first epoch hold
+    none."""
     out, found = Path(out_dir), []
-    for name in ("last.pt", "best.pt"):
+    for name in ("last.pt", "best.pt") + EXPORT_FILES:
         if (out / name).exists() or (out / name).is_symlink():
             found.append(name)
     for name in (TRAIN_LOG, TEST_LOG, JSON_LOG, SUMMARY):
@@ -172,7 +181,7 @@ def previous_run_files(out_dir):
             continue
         if len(lines) > (1 if name == SUMMARY else 0):  # summary.csv: more than its header
             found.append(name)
-    for name in (TENSORBOARD_DIR,) + RUN_REPORTS:
+    for name in (TENSORBOARD_DIR,) + RUN_REPORTS + (SUPERSEDED_DIR,):
         folder = out / name
         if folder.is_dir() and any(not _header_only_events(f) for f in folder.iterdir()):
             found.append(name + "/")
@@ -191,6 +200,53 @@ def _header_only_events(path):
                 and path.stat().st_size < _EVENTS_HEADER_BYTES)
     except OSError:
         return False
+
+
+def derived_files(out_dir, name):
+    """What in out_dir was made from its checkpoint `name` (last.pt or best.pt) and describes
+    it: the --test_only report (STEM_evaluation/), and an export whose model.json names it."""
+    out = Path(out_dir)
+    found = [out / f"{Path(name).stem}_evaluation"]
+    found = [p for p in found if p.is_dir()]
+    try:
+        named = json.loads((out / EXPORT_MANIFEST).read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    # model.json keeps the path the export was given, relative to wherever it ran.
+    if isinstance(named, str) and Path(named).name == name and (
+            not Path(named).is_absolute() or Path(named).parent.resolve() == out.resolve()):
+        found += [out / n for n in EXPORT_FILES if (out / n).exists()]
+    return found
+
+
+def set_aside_derived(out_dir, name):
+    """Before checkpoint `name` of out_dir is replaced by another state of its run: move its
+    report and export (derived_files) into superseded/STEM_epochN/, named for the state they
+    describe, so that nothing beside the new checkpoint describes the old one and nothing is
+    deleted. Returns the folder they went to, or None when there was nothing to move."""
+    found = derived_files(out_dir, name)
+    if not found:
+        return None
+    out = Path(out_dir)
+    try:  # mmap: the state's position, without reading the weights
+        tag = _progress_tag(torch.load(out / name, map_location="cpu", weights_only=True,
+                                       mmap=True))
+    except Exception:  # unreadable or missing: still moved, under a plain name
+        tag = "previous"
+    dest = out / SUPERSEDED_DIR / f"{Path(name).stem}_{tag}"
+    for n in range(2, 1000):
+        if not dest.exists():
+            break
+        dest = dest.with_name(f"{Path(name).stem}_{tag}_{n}")
+    dest.mkdir(parents=True)
+    for path in found:
+        os.replace(path, dest / path.name)
+    return dest
+
+
+def _progress_tag(ckpt):
+    epoch, position = progress(ckpt)
+    return f"epoch{epoch + 1}_batch{position}" if position else f"epoch{epoch}"
 
 
 def logged_records(out_dir):
@@ -486,6 +542,12 @@ class RunSaver:
                 "settings": self.settings.to_dict(), "init": self.init, "classes": self.classes,
                 "holdout": self.holdout, "rng": rng_state()}
         last = self.out_dir / "last.pt"
+        for name in ("best.pt", "last.pt") if best else ("last.pt",):
+            moved = set_aside_derived(self.out_dir, name)
+            if moved is not None:
+                print(f"{name} is replaced by this run's state: what described the previous "
+                      f"one ({', '.join(sorted(p.name for p in moved.iterdir()))}) is kept in "
+                      f"{moved}", flush=True)
         try:
             save(ckpt, self.out_dir / ("best.pt" if best else "last.pt"))
             if best:

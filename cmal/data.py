@@ -540,8 +540,8 @@ def _ignore_interrupts(worker_id):
 # How --val_split=F chooses its hold-out, recorded in the checkpoints. "ranked": each class's
 # files ranked by a hash of (seed, path); "permutation": one seeded generator drawing a
 # permutation per class in turn, as runs did before they recorded their hold-out (a resumed one
-# keeps it).
-HOLDOUT_RANKED, HOLDOUT_PERMUTATION = "ranked", "permutation"
+# keeps it). "folder": no hold-out; the record lists the images of --val_split=folder's val/.
+HOLDOUT_RANKED, HOLDOUT_PERMUTATION, HOLDOUT_FOLDER = "ranked", "permutation", "folder"
 
 
 def hold_out(samples, fraction, seed, root=None, method=HOLDOUT_RANKED):
@@ -604,6 +604,9 @@ def holdout_change(saved, now):
     if not gone and not new:
         return None
     classes = sorted({name.split("/")[0] for name in gone | new})
+    if now["method"] == HOLDOUT_FOLDER:
+        return (f"validated on then, not now: {len(gone)} of {len(saved['held'])} (removed or "
+                f"renamed); new since: {len(new)}; classes: {_some(classes)}")
     return (f"held out then, not now: {len(gone)} of {len(saved['held'])} (removed, renamed, "
             f"or to be trained on); held out now, not then: {len(new)} (added, or trained on "
             f"until now); classes: {_some(classes)}")
@@ -620,6 +623,8 @@ def split_samples(cfg, samples, holdout_method=HOLDOUT_RANKED):
                                f"folder; add {cfg.data_path}/{VAL_SPLIT}/<class>/ or hold out a "
                                "part of train with --val_split=0.1")
         splits[VAL_SPLIT] = samples[VAL_SPLIT]
+        record = holdout_record(splits[VAL_SPLIT], Path(cfg.data_path) / VAL_SPLIT,
+                                HOLDOUT_FOLDER)
     elif val_fraction(cfg):
         root = Path(cfg.data_path) / "train"
         splits["train"], splits[VAL_SPLIT] = hold_out(samples["train"], val_fraction(cfg),
@@ -636,7 +641,7 @@ class Loaders(NamedTuple):
     test: DataLoader
     classes: list
     val: Optional[DataLoader] = None  # with --val_split
-    holdout: Optional[dict] = None  # with --val_split=F: holdout_record
+    holdout: Optional[dict] = None  # with --val_split: holdout_record
 
 
 def build_loaders(cfg, rank=0, world_size=1, pin_memory=False, holdout_method=HOLDOUT_RANKED):

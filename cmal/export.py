@@ -32,11 +32,11 @@ import torch.nn as nn
 from cmal import methods
 from cmal.scores import combined_scores
 from cmal.errors import UserError, device_full, disk_full_cause, write_error
+from cmal.checkpoint import EXPORT_FILE_NAMES, EXPORT_MANIFEST
 from cmal.distributed import unwrap
 
 FORMATS = ("export", "torchscript", "onnx")
-FILE_NAMES = {"export": "model.pt2", "torchscript": "model.ts", "onnx": "model.onnx"}
-MANIFEST = "model.json"
+FILE_NAMES, MANIFEST = EXPORT_FILE_NAMES, EXPORT_MANIFEST
 MANIFEST_FORMAT = "cmal-export-1"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("combined", "heads", "heads_att")

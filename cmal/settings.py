@@ -210,9 +210,10 @@ class Settings:
                            "N above its own (the cosine schedule is stretched over the new "
                            "total)", bare=True)
     accept_new_holdout: bool = _setting(
-        False, parse_bool, "with --resume and --val_split=F: continue although the images held "
-                           "out for validation are not those the checkpoint recorded (images of "
-                           "train added, removed or renamed); without it such a resume stops",
+        False, parse_bool, "with --resume and --val_split: continue although the validation "
+                           "images are not those the checkpoint recorded (images of train, or "
+                           "with --val_split=folder of val/, added, removed or renamed); "
+                           "without it such a resume stops",
         bare=True)
 
     def to_dict(self):

@@ -226,28 +226,32 @@ def load_checkpoint(path, cfg):
 
 
 def check_holdout(cfg, ck, holdout, path):
-    """A resumed run validates on the images its checkpoint held out: one whose hold-out would
-    differ (images of train added, removed or renamed) stops, saying how many moved, unless
-    --accept_new_holdout."""
+    """A resumed run validates on the images its checkpoint validated on: one whose hold-out
+    would differ (images of train added, removed or renamed), or whose val/ folder holds other
+    images (--val_split=folder), stops, saying how many changed, unless --accept_new_holdout."""
     if ck is None or holdout is None:
         if cfg.accept_new_holdout:
             log("note: --accept_new_holdout changes nothing here: it lets a run resumed with "
-                "--val_split=F continue on another hold-out than its checkpoint recorded")
+                "--val_split continue on other validation images than its checkpoint recorded")
         return
+    folder = cfg.val_split == "folder"
+    source = Path(cfg.data_path) / ("val" if folder else "train")
     if not ck.get("holdout"):
-        log(f"note: {path} does not record its validation hold-out (it predates the record): it "
-            "is drawn again as that run drew it, which cannot tell whether the images of "
-            f"{Path(cfg.data_path) / 'train'} are still those it was trained with")
+        log(f"note: {path} does not record its validation images (it predates the record): "
+            + ("" if folder else "they are drawn again as that run drew them, which ")
+            + f"cannot tell whether the images of {source} are still those it was "
+            + ("validated" if folder else "trained") + " with")
         return
     change = holdout_change(ck["holdout"], holdout)
     if change is None:
         return
     if not cfg.accept_new_holdout:
         raise DatasetError(
-            f"--val_split={cfg.val_split} holds out other images of "
-            f"{Path(cfg.data_path) / 'train'} than {path} was trained with: {change}; put the "
-            "images back as they were, or pass --accept_new_holdout to validate on the new "
-            "hold-out from here on")
+            (f"{source} holds other images than {path} was validated on" if folder else
+             f"--val_split={cfg.val_split} holds out other images of {source} than {path} was "
+             "trained with")
+            + f": {change}; put the images back as they were, or pass --accept_new_holdout to "
+            "validate on the new " + ("images" if folder else "hold-out") + " from here on")
     log(f"--accept_new_holdout: validating on the new hold-out from here on: {change} (the "
         "best accuracy so far was measured on the old one)")
 

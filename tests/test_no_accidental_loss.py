@@ -277,12 +277,59 @@ def test_overwrite_removes_every_file_of_the_previous_run(data, finished, capsys
     (finished / "tensorboard").mkdir()
     (finished / "tensorboard" / "events.out.tfevents.old").write_text("old")
     (finished / "notes.txt").write_text("mine")  # not the run's: kept
+    # An export of the run's best.pt into its own folder describes that run, and goes with it.
+    assert export_tool.main([str(finished / "best.pt"), str(finished),
+                             "--format=torchscript"]) == 0
+    (finished / "superseded" / "last_epoch1").mkdir(parents=True)
     capsys.readouterr()
     assert _train(data, finished, "--epochs=1", "--overwrite") == 0
     assert "--overwrite: removed the previous run's last.pt, best.pt" in capsys.readouterr().out
     assert not (finished / "best_evaluation").exists()
     assert not (finished / "tensorboard").exists()
+    assert not (finished / "model.ts").exists() and not (finished / "model.json").exists()
+    assert not (finished / "superseded").exists()
     assert (finished / "notes.txt").read_text() == "mine"
+
+
+def test_a_new_run_is_not_written_beside_an_export(data, finished, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert export_tool.main([str(finished / "best.pt"), str(out), "--format=torchscript"]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert _train(data, out, "--epochs=1") == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds a run (model.ts, model.json)" in err and "--overwrite" in err
+    assert snapshot(out) == before
+
+
+def test_a_resumed_run_sets_aside_what_described_the_checkpoints_it_replaces(data, finished,
+                                                                             capsys):
+    """--test_only reports and an export of last.pt or best.pt describe that state: a resumed
+    run that replaces the file moves them to superseded/, named for the state, and keeps them."""
+    run = finished
+    ck = ckpt_io.load(run / "last.pt")
+    ck["best_acc"] = -1.0  # so that the next evaluated epoch certainly replaces best.pt
+    ckpt_io.save(ck, run / "last.pt")
+    assert _train(data, run, "--test_only", f"--resume={run / 'last.pt'}") == 0
+    assert _train(data, run, "--test_only") == 0
+    assert export_tool.main([str(run / "last.pt"), str(run), "--format=torchscript"]) == 0
+    report, manifest = (run / "last_evaluation" / "per_class.csv").read_bytes(), \
+        (run / "model.json").read_bytes()
+    best_report = (run / "best_evaluation" / "per_class.csv").read_bytes()
+    capsys.readouterr()
+    assert _train(data, run, "--resume", "--extend", "--epochs=3") == 0
+    out = capsys.readouterr().out
+    kept = run / "superseded" / "last_epoch1"
+    assert f"last.pt is replaced by this run's state: what described the previous one " \
+           f"(last_evaluation, model.json, model.ts) is kept in {kept}" in out
+    assert (kept / "last_evaluation" / "per_class.csv").read_bytes() == report
+    assert (kept / "model.json").read_bytes() == manifest and (kept / "model.ts").exists()
+    assert not (run / "last_evaluation").exists() and not (run / "model.json").exists()
+    assert ckpt_io.load(run / "best.pt")["best_epoch"] == 1
+    moved = run / "superseded" / "best_epoch1" / "best_evaluation" / "per_class.csv"
+    assert moved.read_bytes() == best_report and not (run / "best_evaluation").exists()
+    # The folder with superseded/ is still the run's: a new run there needs --overwrite.
+    assert "superseded/" in ckpt_io.previous_run_files(run)
 
 
 # --- export --------------------------------------------------------------------------------

@@ -169,6 +169,33 @@ def test_a_resume_whose_hold_out_changed_stops_unless_accepted(tmp_path, capsys)
     assert _train(data, out, "--resume", "--extend", "--epochs=4") == 0  # the new record holds
 
 
+def test_a_resume_whose_val_folder_changed_stops_unless_accepted(tmp_path, capsys):
+    """--val_split=folder: the images of val/ are recorded like a hold-out; a resume that would
+    validate on others stops (best.pt's choice would compare accuracies on different images)."""
+    data = make_image_folder(tmp_path / "data")
+    shutil.copytree(data / "test", data / "val")
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs=1", "--eval_every=1", "--val_split=folder") == 0
+    record = ckpt_io.load(out / "last.pt")["holdout"]
+    assert record == {"method": "folder", "held": sorted(
+        p.relative_to(data / "val").as_posix() for p in (data / "val").rglob("*.jpg"))}
+    gone = data / "val" / record["held"][0]
+    gone.unlink()
+    before = _files(out)
+    capsys.readouterr()
+    assert _train(data, out, "--resume", "--extend", "--epochs=2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{data / 'val'} holds other images than {out / 'last.pt'} was " \
+        "validated on: validated on then, not now: 1 of 9 (removed or renamed); new since: 0; " \
+        f"classes: {gone.parent.name}" in err[0], err
+    assert "--accept_new_holdout to validate on the new images" in err[0]
+    assert _files(out) == before
+    assert _train(data, out, "--resume", "--extend", "--epochs=2", "--accept_new_holdout") == 0
+    now = ckpt_io.load(out / "last.pt")
+    assert now["holdout"]["held"] == record["held"][1:]
+    assert now["history"][-1]["val"]["samples"] == 8
+
+
 def test_a_checkpoint_without_a_hold_out_record_resumes_with_a_note(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"
@@ -180,7 +207,7 @@ def test_a_checkpoint_without_a_hold_out_record_resumes_with_a_note(tmp_path, ca
     capsys.readouterr()
     assert _train(data, out, "--resume", "--extend", "--epochs=2") == 0
     printed = capsys.readouterr().out
-    assert sum("does not record its validation hold-out" in line
+    assert sum("does not record its validation images" in line
                for line in printed.splitlines()) == 1
     samples = check_layout(data)[1]["train"]
     legacy = hold_out(samples, 0.25, 0, data / "train", HOLDOUT_PERMUTATION)[1]

@@ -19,6 +19,7 @@ the whole selection runs).
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -178,6 +179,9 @@ def main(argv=None):
     p.add_argument("--check", action="store_true",
                    help="only check that every mutant's text occurs once; run nothing")
     args = p.parse_args(argv)
+    # A SIGTERM would end the process without restoring the mutated file: exit through the
+    # `finally` that restores it instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(args.root).resolve()
     chosen = [m for m in MUTANTS if not args.only or m[0] in args.only.split(",")]
     if args.only and len(chosen) != len(set(args.only.split(","))):
