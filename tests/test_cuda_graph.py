@@ -151,6 +151,25 @@ def test_evaluate_with_replayed_scores_reports_the_same():
     assert want == got
 
 
+def test_localisation_under_replayed_scores_equals_the_eager_one():
+    """With annotated boxes, the graphed scores keep no attention maps: evaluate computes them
+    in one more eager pass, and reports what the eager evaluation reports."""
+    net = _net()
+    g = torch.Generator().manual_seed(3)
+
+    def boxes(size):  # x0, y0, x1, y1 in input pixels; one image of each batch has none
+        corner = torch.randint(0, 40, (size, 2), generator=g).float()
+        part = torch.cat([corner, corner + 16], 1)
+        part[0] = float("nan")
+        return part
+    loader = [(x, y, 0, boxes(len(x))) for x, y in _batches(2) + _batches(1, size=3)]
+    want = engine.evaluate(net, loader, nn.CrossEntropyLoss(), num_classes=4)
+    got = engine.evaluate(copy.deepcopy(net), loader, nn.CrossEntropyLoss(), num_classes=4,
+                          scores=GraphedScores(graph=ReplayByCalling))
+    assert want["localisation"]["images"] == 2 * 3 + 2
+    assert want == got
+
+
 def test_a_network_a_graph_cannot_hold_runs_eagerly_and_says_why(monkeypatch):
     import cmal.cuda_graph
     monkeypatch.setattr(cmal.cuda_graph, "holds_inplace_abn", lambda net: True)
