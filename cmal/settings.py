@@ -363,6 +363,7 @@ def parse(defaults=None, argv=None, description=None):
     check_names(defaults, "settings")
     if "layers" in defaults:
         defaults["layers"] = parse_layers(defaults["layers"])
+    defaults = _parse_block_numbers(defaults)
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser, defaults=defaults)
@@ -375,6 +376,23 @@ def parse(defaults=None, argv=None, description=None):
     if problems:
         parser.error("; ".join(problems))
     return cfg
+
+
+def _parse_block_numbers(block):
+    """A settings block's numbers and booleans read as the command line reads their text.
+    argparse converts only string defaults: `batch_size = 16.0` would reach the data loader as
+    a float and fail there, and `val_split = 0.1` differ on resume from --val_split=0.1."""
+    parsers = {f.name: f.metadata["parse"] for f in dataclasses.fields(Settings)}
+    parsed = dict(block)
+    for name, value in block.items():
+        if isinstance(value, (bool, int, float)):
+            try:
+                parsed[name] = parsers[name](str(value))
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise SettingsError(f"the settings block sets {name} = {value!r}, not a valid "
+                                    f"value of {name} ({exc}); correct it in the script") \
+                    from None
+    return parsed
 
 
 def from_script(script_globals):

@@ -48,6 +48,20 @@ def test_dataset_script_with_a_misspelt_setting_stops(tmp_path):
     assert "train_typo.py" in proc.stderr
 
 
+def test_a_settings_blocks_numbers_are_parsed_as_the_command_lines():
+    # argparse converts only string defaults: a float batch size failed in the DataLoader with a
+    # traceback, and val_split = 0.1 was recorded as 0.1, not '0.1', so a resume with
+    # --val_split=0.1 was refused as a contradiction of 0.1.
+    cfg = settings.parse({"data_path": "d", "val_split": 0.1, "progress": True, "epochs": 2,
+                          "lr": 1}, [])
+    assert (cfg.val_split, cfg.progress, cfg.epochs, cfg.lr) == ("0.1", "true", 2, 1.0)
+    assert cfg == settings.parse({"data_path": "d"}, ["--val_split=0.1", "--progress=true",
+                                                      "--epochs=2", "--lr=1"])
+    with pytest.raises(settings.SettingsError, match=r"the settings block sets batch_size = 4.5, "
+                                                     r"not a valid value of batch_size"):
+        settings.parse({"data_path": "d", "batch_size": 4.5}, [])
+
+
 def test_dataset_scripts_blocks_are_valid():
     for script in ROOT.glob("train_*_TResNet_L.py"):
         namespace = {"__file__": str(script), "__name__": "block"}
