@@ -416,6 +416,11 @@ def validate(cfg):
     problems = []
     if not cfg.data_path:
         problems.append("--data_path is required (or set data_path in the script's settings)")
+    if not cfg.output_dir:
+        # An unset shell variable (--output_dir=$OUT) gives ''; the run would scatter its
+        # checkpoints and logs among the files of the current folder.
+        problems.append("--output_dir is empty (an unset shell variable?); name the folder for "
+                        "the run's checkpoints and logs, e.g. --output_dir=Results")
     if len(cfg.layers) != 4 or min(cfg.layers) < 1:
         problems.append(f"--layers must be four positive integers, got {cfg.layers}")
     for name in ("epochs", "batch_size", "test_batch_size", "image_size", "resize",

@@ -302,6 +302,8 @@ def test_a_resumed_run_records_tensorboard_from_where_it_resumes(tmp_path):
     (["--output_dir=d/train/run"], "--output_dir=d/train/run lies inside the train split of "
                                    "--data_path=d"),
     (["--output_dir=d/test"], "--output_dir=d/test lies inside the test split"),
+    # --output_dir=$OUT with OUT unset: the run would write among the current folder's files.
+    (["--output_dir="], "--output_dir is empty (an unset shell variable?)"),
 ])
 def test_paths_a_shell_or_a_typo_makes_wrong_are_refused(argv, said, capsys):
     with pytest.raises(SystemExit) as exc:
