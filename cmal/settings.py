@@ -448,6 +448,12 @@ def validate(cfg):
     if cfg.resize < cfg.image_size:
         problems.append(f"--resize ({cfg.resize}) must be at least --image_size "
                         f"({cfg.image_size})")
+    if cfg.crop_padding >= cfg.image_size:
+        # Wider padding lets most random crops fall wholly in it: blank images with a label,
+        # which end in a non-finite loss that would be blamed on --lr.
+        problems.append(f"--crop_padding ({cfg.crop_padding}) must be below --image_size "
+                        f"({cfg.image_size}), or a random crop can hold no image at all (8 in "
+                        "the paper)")
     if cfg.abn == "inplace":
         from cmal.tresnet.abn import inplace_abn_available
         if not inplace_abn_available():

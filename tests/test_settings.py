@@ -252,6 +252,8 @@ def test_test_only_reports_beyond_the_paper_and_writes_a_confusion_matrix(tmp_pa
     ("--momentum=1", "--momentum must be below 1"),
     ("--seed=99999999999999999999", "--seed must fit in 64 bits"),
     ("--tta_flip", "--tta_flip scores mirror images when evaluating a checkpoint"),
+    # Most random crops would be blank padding: a non-finite loss blamed on --lr.
+    ("--crop_padding=500", "--crop_padding (500) must be below --image_size (368)"),
 ])
 def test_bad_numbers_are_refused_naming_the_setting(bad, said, capsys):
     with pytest.raises(SystemExit) as exc:
