@@ -404,6 +404,12 @@ def load(path, option=None, hint=""):
     the setting that named it; `hint`: what to do instead if it is some other file."""
     if not Path(path).is_file():
         raise not_a_file(path, option)
+    source = _exported_from(path)
+    if source is not None:
+        raise CheckpointError(
+            f"{path} is a file of the export described by {Path(path).parent / EXPORT_MANIFEST} "
+            "(python -m cmal.tools.export), for deployment; the tools and --resume read the "
+            f"training checkpoint it was exported from: pass {source or 'its last.pt or best.pt'}")
     try:
         ckpt = read_checkpoint(path)
     except NotTorchFileError:
@@ -417,6 +423,23 @@ def load(path, option=None, hint=""):
             f"{path} is not a CMAL-Net training checkpoint of this project (no '{FORMAT}' "
             f"marker); pass the last.pt or best.pt that a training run wrote{hint}")
     return ckpt
+
+
+def _exported_from(path):
+    """The checkpoint an export was made from ('' where its model.json does not say), if `path`
+    is one of the export's files; else None. Given as a checkpoint, torch's loader would call a
+    TorchScript file unsafe code and a torch.export archive corrupt."""
+    path = Path(path)
+    if path.name not in EXPORT_FILES:
+        return None
+    try:
+        manifest = json.loads((path.parent / EXPORT_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(
+            "cmal-export"):
+        return None
+    return str(manifest.get("checkpoint") or "")
 
 
 def not_a_file(path, option=None, alternative=""):

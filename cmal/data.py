@@ -258,6 +258,11 @@ class Layout:
             self.problems.append(f"data path {root} is the '{root.name}' folder of a dataset, "
                                  f"not the dataset: pass --data_path={root.parent} ({layout})")
             return
+        inner = _dataset_inside(root)
+        if inner is not None:
+            self.problems.append(f"data path {root} holds no train/test folders but its folder "
+                                 f"{inner.name} does: pass --data_path={inner} ({layout})")
+            return
         names = {}
         for split in SPLITS:
             if (root / split).is_dir():
@@ -315,6 +320,19 @@ class Layout:
                     f"{root / split} has class folders with no image files: {_some(empty)}; add "
                     "images or remove the class from both splits (image extensions: "
                     f"{', '.join(IMG_EXTENSIONS)})")
+
+
+def _dataset_inside(root):
+    """The one subfolder of `root` holding train/ and test/ where `root` holds neither, else
+    None: an archive unpacked into a folder of its own name (data/Food-11/Food-11/train)."""
+    if any((root / s).is_dir() for s in SPLITS):
+        return None
+    try:
+        found = [entry for entry in root.iterdir() if entry.is_dir()
+                 and all((entry / s).is_dir() for s in SPLITS)]
+    except OSError:
+        return None
+    return found[0] if len(found) == 1 else None
 
 
 def _case_collisions(folder, classes):

@@ -363,6 +363,7 @@ def parse(defaults=None, argv=None, description=None):
     check_names(defaults, "settings")
     if "layers" in defaults:
         defaults["layers"] = parse_layers(defaults["layers"])
+    defaults = _parse_block_numbers(defaults)
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser, defaults=defaults)
@@ -375,6 +376,23 @@ def parse(defaults=None, argv=None, description=None):
     if problems:
         parser.error("; ".join(problems))
     return cfg
+
+
+def _parse_block_numbers(block):
+    """A settings block's numbers and booleans read as the command line reads their text.
+    argparse converts only string defaults: `batch_size = 16.0` would reach the data loader as
+    a float and fail there, and `val_split = 0.1` differ on resume from --val_split=0.1."""
+    parsers = {f.name: f.metadata["parse"] for f in dataclasses.fields(Settings)}
+    parsed = dict(block)
+    for name, value in block.items():
+        if isinstance(value, (bool, int, float)):
+            try:
+                parsed[name] = parsers[name](str(value))
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise SettingsError(f"the settings block sets {name} = {value!r}, not a valid "
+                                    f"value of {name} ({exc}); correct it in the script") \
+                    from None
+    return parsed
 
 
 def from_script(script_globals):
@@ -398,6 +416,11 @@ def validate(cfg):
     problems = []
     if not cfg.data_path:
         problems.append("--data_path is required (or set data_path in the script's settings)")
+    if not cfg.output_dir:
+        # An unset shell variable (--output_dir=$OUT) gives ''; the run would scatter its
+        # checkpoints and logs among the files of the current folder.
+        problems.append("--output_dir is empty (an unset shell variable?); name the folder for "
+                        "the run's checkpoints and logs, e.g. --output_dir=Results")
     if len(cfg.layers) != 4 or min(cfg.layers) < 1:
         problems.append(f"--layers must be four positive integers, got {cfg.layers}")
     for name in ("epochs", "batch_size", "test_batch_size", "image_size", "resize",
@@ -425,6 +448,12 @@ def validate(cfg):
     if cfg.resize < cfg.image_size:
         problems.append(f"--resize ({cfg.resize}) must be at least --image_size "
                         f"({cfg.image_size})")
+    if cfg.crop_padding >= cfg.image_size:
+        # Wider padding lets most random crops fall wholly in it: blank images with a label,
+        # which end in a non-finite loss that would be blamed on --lr.
+        problems.append(f"--crop_padding ({cfg.crop_padding}) must be below --image_size "
+                        f"({cfg.image_size}), or a random crop can hold no image at all (8 in "
+                        "the paper)")
     if cfg.abn == "inplace":
         from cmal.tresnet.abn import inplace_abn_available
         if not inplace_abn_available():

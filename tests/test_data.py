@@ -266,3 +266,17 @@ def test_a_split_folder_given_as_the_data_path_points_at_its_parent(tmp_path):
         check_layout(root / "train")
     assert f"is the 'train' folder of a dataset, not the dataset: pass --data_path={root}" in \
         str(exc.value) and "has no 'test' folder" not in str(exc.value)
+
+
+def test_a_dataset_one_folder_down_is_named(tmp_path):
+    # An archive unpacked into a folder of its own name: data/Food-11/train. The message named
+    # only the missing train/ and test/ of data/.
+    root = make_image_folder(tmp_path / "data" / "Food-11")
+    with pytest.raises(DatasetError) as exc:
+        check_layout(tmp_path / "data")
+    assert f"its folder Food-11 does: pass --data_path={root}" in str(exc.value)
+    assert "has no 'test' folder" not in str(exc.value)
+    # Two candidates: no guess.
+    make_image_folder(tmp_path / "data" / "Food-12")
+    with pytest.raises(DatasetError, match="has no 'train' folder"):
+        check_layout(tmp_path / "data")

@@ -173,6 +173,20 @@ def test_bad_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
     assert not out.exists()  # nothing is created for a checkpoint that cannot be used
 
 
+def test_an_exported_file_given_as_a_checkpoint_names_the_one_it_came_from(torch_dir, run_dir,
+                                                                          capsys):
+    # torch's loader called model.ts unsafe code ("re-save its state_dict from a trusted
+    # environment") and model.pt2 truncated or corrupt ("download it again").
+    from cmal.tools import predict
+    image = next((run_dir.parent / "data" / "test").rglob("*.jpg"))
+    for name in ("model.ts", "model.pt2", "model.json"):
+        assert predict.main([str(torch_dir / name), str(image)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"is a file of the export described by {torch_dir / 'model.json'}" in err
+        assert err.endswith(f"pass {run_dir / 'best.pt'}")
+
+
 def test_out_dir_that_is_a_file_is_refused(run_dir, tmp_path, capsys):
     out = tmp_path / "file"
     out.write_text("x")

@@ -48,6 +48,20 @@ def test_dataset_script_with_a_misspelt_setting_stops(tmp_path):
     assert "train_typo.py" in proc.stderr
 
 
+def test_a_settings_blocks_numbers_are_parsed_as_the_command_lines():
+    # argparse converts only string defaults: a float batch size failed in the DataLoader with a
+    # traceback, and val_split = 0.1 was recorded as 0.1, not '0.1', so a resume with
+    # --val_split=0.1 was refused as a contradiction of 0.1.
+    cfg = settings.parse({"data_path": "d", "val_split": 0.1, "progress": True, "epochs": 2,
+                          "lr": 1}, [])
+    assert (cfg.val_split, cfg.progress, cfg.epochs, cfg.lr) == ("0.1", "true", 2, 1.0)
+    assert cfg == settings.parse({"data_path": "d"}, ["--val_split=0.1", "--progress=true",
+                                                      "--epochs=2", "--lr=1"])
+    with pytest.raises(settings.SettingsError, match=r"the settings block sets batch_size = 4.5, "
+                                                     r"not a valid value of batch_size"):
+        settings.parse({"data_path": "d", "batch_size": 4.5}, [])
+
+
 def test_dataset_scripts_blocks_are_valid():
     for script in ROOT.glob("train_*_TResNet_L.py"):
         namespace = {"__file__": str(script), "__name__": "block"}
@@ -238,6 +252,8 @@ def test_test_only_reports_beyond_the_paper_and_writes_a_confusion_matrix(tmp_pa
     ("--momentum=1", "--momentum must be below 1"),
     ("--seed=99999999999999999999", "--seed must fit in 64 bits"),
     ("--tta_flip", "--tta_flip scores mirror images when evaluating a checkpoint"),
+    # Most random crops would be blank padding: a non-finite loss blamed on --lr.
+    ("--crop_padding=500", "--crop_padding (500) must be below --image_size (368)"),
 ])
 def test_bad_numbers_are_refused_naming_the_setting(bad, said, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -288,6 +304,8 @@ def test_a_resumed_run_records_tensorboard_from_where_it_resumes(tmp_path):
     (["--output_dir=d/train/run"], "--output_dir=d/train/run lies inside the train split of "
                                    "--data_path=d"),
     (["--output_dir=d/test"], "--output_dir=d/test lies inside the test split"),
+    # --output_dir=$OUT with OUT unset: the run would write among the current folder's files.
+    (["--output_dir="], "--output_dir is empty (an unset shell variable?)"),
 ])
 def test_paths_a_shell_or_a_typo_makes_wrong_are_refused(argv, said, capsys):
     with pytest.raises(SystemExit) as exc:
