@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from cmal import checkpoint as ckpt_io
-from cmal.data import BadImageError, allow_images_up_to, build_transforms, is_image_file, load_rgb
+from cmal.data import build_transforms
+from cmal.images import BadImageError, allow_images_up_to, is_image_file, load_rgb
 from cmal.errors import UserError
 from cmal import methods
 from cmal.precision import Precision

@@ -25,8 +25,8 @@ from cmal import checkpoint as ckpt_io
 from cmal import distributed
 from cmal import localisation, methods
 from cmal import settings
-from cmal.data import (DatasetError, build_loaders, holdout_change, holdout_method_of, mix_seed,
-                       shutdown_workers)
+from cmal.data import build_loaders, holdout_change, holdout_method_of, mix_seed, shutdown_workers
+from cmal.folders import DatasetError
 from cmal.cuda_graph import GraphedScores
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
 from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command,

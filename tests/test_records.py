@@ -12,8 +12,8 @@ import torch
 from cmal import checkpoint as ckpt_io
 from cmal import settings
 from cmal import train
-from cmal.data import (HOLDOUT_PERMUTATION, VAL_SPLIT, check_layout, hold_out, holdout_record,
-                       mix_seed)
+from cmal.data import HOLDOUT_PERMUTATION, hold_out, holdout_record, mix_seed
+from cmal.folders import VAL_SPLIT, check_layout
 from tests.conftest import TINY_ARGS, make_image_folder
 
 

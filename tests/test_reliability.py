@@ -17,7 +17,7 @@ from cmal.tools import plot_curves
 from cmal.tools import predict
 from cmal import settings
 from cmal import train
-from cmal.data import Layout, check_layout
+from cmal.folders import Layout, check_layout
 from cmal.tresnet import WeightsError
 from cmal.tresnet.weights import cache_name, download
 from tests.conftest import TINY_ARGS, make_image_folder

@@ -268,7 +268,8 @@ def loader_benchmark(args):
     import tempfile
     import numpy as np
     from torch.utils.data import DataLoader
-    from cmal.data import EpochSampler, ImageDataset, build_transforms, collate_skipping, load_rgb
+    from cmal.data import EpochSampler, ImageDataset, build_transforms, collate_skipping
+    from cmal.images import load_rgb
     width, height = (int(v) for v in args.jpeg_size.split("x"))
     resize = round(args.image_size * 421 / 368)
     train_tf, test_tf = build_transforms(args.image_size, resize, 8)
