@@ -175,7 +175,7 @@ def write_evaluation_report(folder, classes, confusion, rows):
     CONFUSION_PICTURE_LIMIT classes) confusion.png; returns the files written."""
     import csv
     import io
-    from cmal.checkpoint import write_text
+    from cmal.files import write_text
     folder = Path(folder)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from cmal import checkpoint as ckpt_io
+from cmal import run_logs
 from cmal import distributed
 from cmal import localisation, methods
 from cmal import settings
@@ -29,6 +30,7 @@ from cmal.data import build_loaders, holdout_change, holdout_method_of, mix_seed
 from cmal.folders import DatasetError
 from cmal.cuda_graph import GraphedScores
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
+from cmal.files import RunLock
 from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command,
                          unnamed_disk_full)
 from cmal.inference import model_of
@@ -64,7 +66,7 @@ def epoch_line(record, cfg, best):
     method = methods.method_of(cfg)
     line = (f"epoch {record['epoch'] + 1:3d}/{cfg.epochs} | train acc {record['train_acc']:6.2f}% "
             f"loss {record['train_loss']:.4f}" + method.losses_text(record))
-    t = ckpt_io.evaluated(record)
+    t = run_logs.evaluated(record)
     if t:
         line += " | " + method.scores_text(t, best, "val" if record.get("val") else "test")
     if t and t.get("localisation"):
@@ -182,7 +184,7 @@ def run(cfg, given=frozenset()):
     device = distributed.setup_device(cfg)
     lock = None
     if not cfg.test_only and distributed.is_main():
-        lock = ckpt_io.RunLock(cfg.output_dir).acquire()
+        lock = RunLock(cfg.output_dir).acquire()
     try:
         path = evaluated_path(cfg) if cfg.test_only else resume_path(cfg)
         ck = load_checkpoint(path, cfg) if path else None
@@ -398,7 +400,7 @@ def continues_folder(out_dir, ck):
     checkpoints is a state of that run at or before `ck`, and log.jsonl records a first part of
     `ck`'s epochs. Resuming `ck` there then replaces nothing it does not reproduce."""
     checkpoints = _folder_checkpoints(out_dir)
-    logged = ckpt_io.logged_records(out_dir)
+    logged = run_logs.logged_records(out_dir)
     if logged is None or not (checkpoints or logged):
         return False  # unreadable, or only reports and events of a run nothing identifies
     return (all(c is not None and leads_to(c, ck) for c in checkpoints.values())
@@ -433,7 +435,7 @@ def rewind_message(out_dir, path, ck):
     last = _folder_checkpoints(out_dir).get("last.pt")
     if last is not None and ckpt_io.progress(last) > ckpt_io.progress(ck):
         beyond.append(f"last.pt at {ckpt_io.describe_progress(last)}")
-    logged, trained = ckpt_io.logged_records(out_dir) or [], len(ck.get("history", []))
+    logged, trained = run_logs.logged_records(out_dir) or [], len(ck.get("history", []))
     if len(logged) > trained:
         beyond.append(f"the records of epochs {trained + 1}-{len(logged)}")
     what = " and ".join(beyond) or "files of another run"
