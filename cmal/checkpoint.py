@@ -336,3 +336,14 @@ def load_model_state(model, ckpt, path):
     except WeightsError as exc:
         raise CheckpointError(str(exc)) from None
     model.load_state_dict(ckpt["model"])
+
+
+def check_classes(ck, classes, path):
+    """Refuse checkpoint `ck` (read from `path`) for data whose class names, or their order,
+    differ from those it was trained on."""
+    if ck["classes"] != classes:
+        differ = sorted(set(ck["classes"]) ^ set(classes))
+        raise CheckpointError(
+            f"{path} was trained on other classes than this data_path's"
+            + (f" (not in both: {differ[:8]})" if differ else " (same names, another order)")
+            + "; point --data_path at the dataset it was trained on")

@@ -28,7 +28,9 @@ from cmal import localisation, methods
 from cmal import settings
 from cmal.data import build_loaders, holdout_change, holdout_method_of, mix_seed, shutdown_workers
 from cmal.folders import DatasetError
+from cmal.checkpoint import check_classes
 from cmal.cuda_graph import GraphedScores
+from cmal.distributed import log
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
 from cmal.files import RunLock
 from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command,
@@ -36,6 +38,7 @@ from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command
 from cmal.inference import model_of
 from cmal.model import compile_network
 from cmal.precision import Precision
+from cmal.test_only import evaluated_path, test_only
 from cmal.optimizer import (load_optimizer_state, make_optimizer, set_hyperparameters,
                             set_learning_rates, zero_fill_grads)
 from cmal.tresnet.weights import resolve_weights
@@ -55,11 +58,6 @@ def selection_split(cfg):
     """The split best.pt is chosen on: validation with --val_split, else test (the reference's
     protocol)."""
     return "test" if cfg.val_split == "none" else "validation"
-
-
-def log(*args):
-    if distributed.is_main():
-        print(*args, flush=True)
 
 
 def epoch_line(record, cfg, best):
@@ -165,15 +163,6 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
     return state
 
 
-def check_classes(ck, classes, path):
-    if ck["classes"] != classes:
-        differ = sorted(set(ck["classes"]) ^ set(classes))
-        raise ckpt_io.CheckpointError(
-            f"{path} was trained on other classes than this data_path's"
-            + (f" (not in both: {differ[:8]})" if differ else " (same names, another order)")
-            + "; point --data_path at the dataset it was trained on")
-
-
 def run(cfg, given=frozenset()):
     """Train (or with --test_only evaluate) as `cfg` says; return the exit status. `given`: the
     settings named on the command line (a resumed run takes the others from its checkpoint).
@@ -256,18 +245,6 @@ def check_holdout(cfg, ck, holdout, path):
             "validate on the new " + ("images" if folder else "hold-out") + " from here on")
     log(f"--accept_new_holdout: validating on the new hold-out from here on: {change} (the "
         "best accuracy so far was measured on the old one)")
-
-
-def evaluated_path(cfg):
-    """The checkpoint --test_only scores: --resume=PATH, else output_dir/best.pt."""
-    if cfg.resume and cfg.resume != "auto":
-        return Path(cfg.resume)
-    path = Path(cfg.output_dir) / "best.pt"
-    if not path.is_file():
-        raise ckpt_io.not_a_file(path, alternative=" (--test_only evaluates --output_dir's "
-                                                   "best.pt: pass --output_dir=RUN_FOLDER, or "
-                                                   "--resume=CHECKPOINT)")
-    return path
 
 
 def settings_of_checkpoint(cfg, ck, given, path):
@@ -673,59 +650,6 @@ class Training:
         self.saver.end_epoch(state, best=is_best)
         log(epoch_line(record, cfg, state.best_acc))
         return True
-
-
-def test_only(cfg, device, ck, path, test_loader):
-    """Score a checkpoint on cfg.data_path's test split, with the network, image size and resize
-    it was trained with (cfg holds them already). Besides the paper's three accuracies, it
-    reports top-5 and mean per-class accuracy, and writes a per-class table and the confusion
-    matrix next to the checkpoint (CHECKPOINT-STEM_evaluation/)."""
-    from cmal.inference import mean_class_accuracy, per_class_rows, write_evaluation_report
-    classes = ck["classes"]
-    check_classes(ck, test_loader.dataset.classes, path)
-    report = path.parent / f"{path.stem}_evaluation"
-    if report.exists() and any(report.iterdir()) and not cfg.overwrite:
-        raise ckpt_io.CheckpointError(f"{report} already holds an evaluation report: pass "
-                                      "--overwrite to replace it, or move it away")
-    # One precision for the network's ABN and the evaluation's autocast: this command's --amp.
-    precision = Precision(cfg.amp, device)
-    model = model_of(ck, path, device, precision)
-    result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device, precision.dtype,
-                      cfg.channels_last,
-                      progress=settings.show_progress(cfg) and distributed.is_main(),
-                      num_classes=len(classes), flip=cfg.tta_flip,
-                      scores=GraphedScores(precision.dtype)
-                      if settings.use_cuda_graph(cfg, device) else None)
-    log(f"{path}: {methods.method_of(cfg).test_only_text(result)}")
-    if "localisation" in result:
-        log(localisation.describe(result["localisation"]))
-    rows = per_class_rows(classes, result["confusion"])
-    kind = methods.method_of(cfg).headline
-    log(f"beyond the paper's protocol: top-5 ({kind}) {result['acc_top5_combined']:.2f}%, "
-        f"mean per-class ({kind}) {mean_class_accuracy(rows):.2f}%"
-        + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"
-           if cfg.tta_flip else ""))
-    if distributed.is_main():
-        try:
-            written = write_evaluation_report(report, classes, result["confusion"], rows)
-        except (WriteError, OSError) as exc:
-            raise report_not_written(exc, report, path) from None
-        log(f"per-class accuracy and confusion matrix: {', '.join(str(p) for p in written)}")
-    return 0
-
-
-def report_not_written(exc, report, path):
-    """--test_only could not write its report beside the checkpoint: the accuracies it printed
-    stand; say where the report can be written instead."""
-    full = isinstance(exc, DiskFullError) or disk_full_cause(exc) is not None
-    reason = exc.problem if isinstance(exc, WriteError) else f"cannot write ({exc.strerror})"
-    elsewhere = (f"link or copy {path} into a folder you can write to and evaluate that "
-                 f"(--test_only --resume=FOLDER/{path.name}): the report is written beside the "
-                 "checkpoint")
-    return ckpt_io.CheckpointError(
-        f"the accuracies above stand, but the evaluation report could not be written into "
-        f"{report} ({reason}); " + (f"free space and evaluate again, or {elsewhere}" if full
-                                    else elsewhere))
 
 
 def main(defaults=None, argv=None, description=None):
