@@ -246,10 +246,10 @@ class RunSaver:
     checkpoint. `holdout`: with --val_split=F, the record of the images held out for
     validation (data.holdout_record), kept in every checkpoint."""
 
-    def __init__(self, out_dir, model, optimizer, scaler, settings, classes, writes=True,
+    def __init__(self, out_dir, model, optimizer, precision, settings, classes, writes=True,
                  init=None, holdout=None):
         self.out_dir = Path(out_dir)
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.model, self.optimizer, self.precision = model, optimizer, precision
         self.settings, self.classes, self.writes = settings, classes, writes
         self.init, self.holdout = init, holdout
         self.tensorboard = None
@@ -274,12 +274,12 @@ class RunSaver:
             raise NonFiniteError(f"the weights hold NaN or infinite values at epoch "
                                  f"{state.epoch + 1}; the run is stopped and no checkpoint was "
                                  f"written from this state. {NON_FINITE_FIXES}"
-                                 + (" Prefer --amp=bf16 to fp16." if self.scaler else ""))
+                                 + (" Prefer --amp=bf16 to fp16." if self.precision.scaler else ""))
         if not self.writes:
             return
         ckpt = {"format": FORMAT, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "scaler": self.precision.scaler_state(),
                 **{f.name: getattr(state, f.name) for f in fields(state)},
                 "settings": self.settings.to_dict(), "init": self.init, "classes": self.classes,
                 "holdout": self.holdout, "rng": rng_state()}

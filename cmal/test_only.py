@@ -47,11 +47,11 @@ def test_only(cfg, device, ck, path, test_loader):
     # One precision for the network's ABN and the evaluation's autocast: this command's --amp.
     precision = Precision(cfg.amp, device)
     model = model_of(ck, path, device, precision)
-    result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device, precision.dtype,
+    result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device, precision,
                       cfg.channels_last,
                       progress=settings.show_progress(cfg) and distributed.is_main(),
                       num_classes=len(classes), flip=cfg.tta_flip,
-                      scores=GraphedScores(precision.dtype)
+                      scores=GraphedScores(precision)
                       if settings.use_cuda_graph(cfg, device) else None)
     log(f"{path}: {methods.method_of(cfg).test_only_text(result)}")
     if "localisation" in result:

@@ -138,7 +138,7 @@ def resume_path(cfg):
     return path
 
 
-def restore(ck, path, cfg, classes, model, optimizer, scaler):
+def restore(ck, path, cfg, classes, model, optimizer, precision):
     """Load a checkpoint into the run's objects; return the RunState it holds."""
     check_classes(ck, classes, path)
     ckpt_io.load_model_state(model, ck, path)
@@ -146,8 +146,7 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
     # Base rates, momentum and weight decay of the run's settings, which are the checkpoint's
     # (settings_of_checkpoint); each iteration then sets its scheduled rate.
     set_hyperparameters(optimizer, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
-    if scaler is not None and ck.get("scaler"):
-        scaler.load_state_dict(ck["scaler"])
+    precision.load_scaler_state(ck.get("scaler"))
     state = ckpt_io.RunState.from_checkpoint(ck)
     if cfg.extend:  # more epochs may choose another best.pt: its test is scored anew
         state.final_test = None
@@ -470,7 +469,6 @@ class Training:
         self.selection_loader = loaders.test if loaders.val is None else loaders.val
         classes = loaders.classes
         self.precision = Precision(cfg.amp, device)  # from the checkpoint's settings on resume
-        self.amp_dtype = self.precision.dtype
         self.criterion = nn.CrossEntropyLoss()
         graphs = settings.use_cuda_graph(cfg, device)
         self.method = methods.method_of(cfg)
@@ -481,8 +479,7 @@ class Training:
         self.model = model
         self.optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum,
                                         cfg.weight_decay, cfg.sgd)
-        self.scaler = self.precision.new_scaler()
-        self.state = restore(ck, path, cfg, classes, model, self.optimizer, self.scaler) \
+        self.state = restore(ck, path, cfg, classes, model, self.optimizer, self.precision) \
             if ck is not None else ckpt_io.RunState()
         # What initialised the network: this run's backbone weights, or for a resumed run what it
         # started from (None in a checkpoint written before runs recorded it). The first lines
@@ -490,7 +487,7 @@ class Training:
         self.init = model.init_record if ck is None else ck.get("init")
         for line in init_lines(self.init):
             log(line)
-        self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
+        self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.precision, cfg,
                                       classes, writes=distributed.is_main(), init=self.init,
                                       holdout=loaders.holdout)
         best = Path(cfg.output_dir) / "best.pt"
@@ -520,7 +517,7 @@ class Training:
         if cfg.cuda_graph == "true" and not graphs:
             log(f"--cuda_graph=true: no CUDA graphs on {device}; every iteration runs eagerly")
         self.iteration = self.method.iteration(cfg, cuda_graph=graphs)
-        self.scores = GraphedScores(self.amp_dtype) if graphs else None
+        self.scores = GraphedScores(self.precision) if graphs else None
         log(f"{self.method.describe(cfg)}: {len(loaders.train.dataset)} train / "
             + (f"{len(loaders.val.dataset)} validation / " if loaders.val else "")
             + f"{len(loaders.test.dataset)} test images, {len(classes)} classes, {cfg.epochs} "
@@ -579,7 +576,7 @@ class Training:
         # A network of its own: the run's keeps the last epoch's weights, which last.pt holds.
         net = self.net if state.best_epoch is None else \
             model_of(ckpt_io.load(path), path, self.device, self.precision)
-        test = evaluate(net, self.test_loader, self.criterion, self.device, self.amp_dtype,
+        test = evaluate(net, self.test_loader, self.criterion, self.device, self.precision,
                         self.cfg.channels_last, progress=self.progress,
                         should_stop=lambda: stop.signal is not None, scores=self.scores)
         if test is None:
@@ -617,7 +614,7 @@ class Training:
 
         stats, finished = train_one_epoch(
             self.net, self.optimizer, self.train_loader, self.criterion, self.device, epoch,
-            cfg.epochs, stats=stats, amp_dtype=self.amp_dtype, scaler=self.scaler,
+            cfg.epochs, stats=stats, precision=self.precision,
             channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress,
             iteration=self.iteration)
         distributed.broadcast_buffers(self.model)
@@ -627,7 +624,7 @@ class Training:
             # evaluation runs again on resume.
             t_test = time.time()
             scored = evaluate(self.net, self.selection_loader, self.criterion, self.device,
-                              self.amp_dtype, cfg.channels_last, progress=self.progress,
+                              self.precision, cfg.channels_last, progress=self.progress,
                               should_stop=lambda: stop.signal is not None, scores=self.scores)
             finished = scored is not None
             if finished:
