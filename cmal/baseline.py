@@ -68,7 +68,7 @@ def iteration(cfg, cuda_graph=False):
 
 
 def baseline_train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=None,
-                        amp_dtype=None, scaler=None):
+                        precision=None):
     """One baseline iteration: one forward, the head's cross entropy, one backward and step.
 
     Returns train_step's keys: the loss as loss_concat (the loss that the training accuracy's
@@ -79,8 +79,7 @@ def baseline_train_step(net, optimizer, inputs, targets, criterion, epoch=None, 
     if epoch is not None:
         set_learning_rates(optimizer, epoch, nb_epoch)
     logits, loss = optimisation_step(net, optimizer, inputs,
-                                     lambda out: criterion(out.float(), targets), amp_dtype,
-                                     scaler)
+                                     lambda out: criterion(out.float(), targets), precision)
     logits = logits.detach()
     # One host synchronisation per iteration, as train_step.
     value, correct = torch.stack([loss.float(),

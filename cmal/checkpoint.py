@@ -1,19 +1,14 @@
-"""What a training run leaves on disk: checkpoints and the per-epoch logs.
+"""What a training run keeps in its checkpoints: the run's state and the saver that writes
+last.pt and best.pt (and through run_logs.py the logs), checkpoints read back, and what in an
+output folder holds a previous run's work.
 
-Every file is written beside its final name and renamed over it, so a crash at any moment
-leaves either the old or the new file, never a broken one. The logs are rewritten from the
-history held in the checkpoint, so after a resume each epoch appears in them exactly once.
+Checkpoints are written atomically (files.py): a crash at any moment leaves either the old or
+the new file, never a broken one.
 """
-import contextlib
-import errno
-import fcntl
 import json
 import os
 import random
 import shutil
-import socket
-import tempfile
-import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
@@ -21,28 +16,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cmal.errors import (NON_FINITE_FIXES, NonFiniteError, UserError, WriteError,
-                         disk_full_cause, write_error)
-from cmal.tensorboard import tensorboard_writer_class
+from cmal.errors import CheckpointError, NON_FINITE_FIXES, NonFiniteError, WriteError
+from cmal.files import link_or_copy, remove_partial_files, save, write_text
+from cmal.run_logs import (JSON_LOG, SUMMARY, TENSORBOARD_DIR, TEST_LOG, TRAIN_LOG, TensorBoardLog,
+                           final_test_step, write_logs)
 from cmal.tresnet.weights import NotTorchFileError, WeightsError, check_compatible, read_checkpoint
 
 FORMAT = "cmal-checkpoint-1"
-TRAIN_LOG = "results_train.txt"
-TEST_LOG = "results_test.txt"
-JSON_LOG = "log.jsonl"
-SUMMARY = "summary.csv"
 SETTINGS_FILE = "settings.json"
-TENSORBOARD_DIR = "tensorboard"
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used for this run; the message says why and what to do."""
-
-
-class OutputDirError(CheckpointError):
-    """An output folder that cannot take this run: not a folder, not writable, or in use."""
-
-
 RUN_FILES = ("last.pt", "best.pt", TRAIN_LOG, TEST_LOG, JSON_LOG, SUMMARY, SETTINGS_FILE,
              TENSORBOARD_DIR)
 # The reports --test_only writes beside the run's own checkpoints (CHECKPOINT-STEM_evaluation/):
@@ -56,95 +37,6 @@ EXPORT_FILES = (*EXPORT_FILE_NAMES.values(), EXPORT_MANIFEST)
 # Where a run moves the report and export of a checkpoint it replaces by another state (a
 # resumed or extended run): kept, but no longer beside a checkpoint they do not describe.
 SUPERSEDED_DIR = "superseded"
-LOCK_NAME = ".run.lock"
-
-
-def prepare_output_dir(out_dir, option="--output_dir"):
-    """Create `out_dir`, or check that an existing one is a folder this process can write into;
-    OutputDirError says which path is at fault (`option`: the setting that named it). Cheap: runs
-    before any data or model work. Returns whether the folder was created."""
-    out = Path(out_dir)
-    blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        where = "is a file" if blocker == out else f"lies under {blocker}, which is a file"
-        raise OutputDirError(f"{_named(option, out)} {where}, not a folder; choose another "
-                             f"{option}")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        fix = ("free space on its device, or " if disk_full_cause(exc) else
-               "make it writable, or " if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-               else "")
-        raise OutputDirError(f"cannot write into {_named(option, out)} ({exc.strerror}); {fix}"
-                             f"choose another {option}") from None
-    return created
-
-
-def _named(option, path):
-    """'--output_dir=PATH' for an option, 'OUT_DIR PATH' for a positional argument."""
-    return f"{option}={path}" if option.startswith("--") else f"{option} {path}"
-
-
-class RunLock:
-    """Ownership of an output folder by one training run at a time.
-
-    An flock on OUT/.run.lock, which the kernel releases when its process ends however it ends,
-    so a lock left by a dead run is recognised as free; the file holds the owner's process id,
-    host and start time for the message a second run prints. `acquire` first prepares the
-    folder (prepare_output_dir); `release` removes the lock file, and the folder too when this
-    run created it and left nothing in it, so that a run that failed early leaves no trace.
-    """
-
-    def __init__(self, out_dir, owner="training run", option="--output_dir"):
-        self.folder = Path(out_dir)
-        self.path = self.folder / LOCK_NAME
-        self.owner, self.option = owner, option  # what holds the folder, the setting naming it
-        self._fd = None
-        self._created = False
-
-    def acquire(self):
-        self._created = prepare_output_dir(self.folder, self.option)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                owner = os.read(fd, 512).decode(errors="replace").strip()
-                os.close(fd)
-                # A lock file of this version starts with its owner's kind ("export (process
-                # ..."); an older run's holds the process alone.
-                if not owner.startswith(("training run (", "export (")):
-                    owner = f"training run ({owner or 'starting'})"
-                raise OutputDirError(
-                    f"{self.folder} is in use by another {owner}; wait for it to finish or stop "
-                    f"it, or choose another {self.option}") from None
-            # The previous owner may have removed the file between our open and our lock: then
-            # this lock is on a file nobody else sees, and the path must be opened again.
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, (f"{self.owner} (process {os.getpid()} on {socket.gethostname()}, started "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})").encode())
-        self._fd = fd
-        return self
-
-    def release(self):
-        if self._fd is None:
-            return
-        self.path.unlink(missing_ok=True)  # before unlocking: see acquire
-        os.close(self._fd)  # closing releases the flock
-        self._fd = None
-        if self._created and not any(self.folder.iterdir()):
-            self.folder.rmdir()
 
 
 def clear_run_files(out_dir):
@@ -248,21 +140,6 @@ def _progress_tag(ckpt):
     epoch, position = progress(ckpt)
     return f"epoch{epoch + 1}_batch{position}" if position else f"epoch{epoch}"
 
-
-def logged_records(out_dir):
-    """The epoch records of out_dir/log.jsonl (None when it cannot be read as such)."""
-    try:
-        text = (Path(out_dir) / JSON_LOG).read_text()
-    except FileNotFoundError:
-        return []
-    except OSError:
-        return None
-    try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError:
-        return None
-
-
 def progress(ckpt):
     """How far a checkpoint's run got: (epochs finished, batches into the next)."""
     return ckpt["epoch"], (ckpt.get("stats") or {}).get("position", 0)
@@ -273,101 +150,6 @@ def describe_progress(ckpt):
     if position:
         return f"epoch {epoch + 1}, batch {position}"
     return f"the end of epoch {epoch}" if epoch else "the start of epoch 1"
-
-
-def _atomic_write(path, write):
-    """Write `path` through `write(file)` into a temporary file beside it, renamed over it once
-    complete; a failure to write (a full disk, a read-only folder) is a WriteError saying that
-    the previous file is intact."""
-    path, tmp, out = Path(path), None, None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        # mkstemp creates the file 0600; the result should be readable as the user's umask says,
-        # as a plain open() would make it (colleagues on a shared server read checkpoints).
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            out = _Recorded(f)
-            write(out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        recorded = out.error if out is not None else None
-        cause = disk_full_cause(exc) or disk_full_cause(recorded) or \
-            (exc if isinstance(exc, OSError) else None)
-        if cause is None:
-            raise
-        raise _unwritten(path, cause) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _unwritten(path, cause):
-    outcome = (f"the previous {path.name} is intact" if path.exists() else
-               f"no {path.name} was written")
-    return write_error(path, cause, outcome)
-
-
-class _Recorded:
-    """A binary file that keeps the error of its failed write (`error`): torch.save reports
-    one as a RuntimeError without the errno that says the disk is full."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data):
-        try:
-            return self.file.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self):
-        return self.file.flush()
-
-    def fileno(self):
-        return self.file.fileno()
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save(obj, path):
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def write_text(path, text):
-    _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def link_or_copy(src, dst):
-    """Make `dst` hold what `src` holds now (a hard link where possible), atomically."""
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
-    try:
-        if tmp.exists():
-            tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise _unwritten(dst, exc) from None
-
-
-def remove_partial_files(folder):
-    """Delete temporary files a killed process left behind (they never replaced a real file)."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-
 
 def rng_state():
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -477,46 +259,6 @@ class RunState:
         # Checkpoints written before a field existed hold its default.
         return cls(**{f.name: ckpt[f.name] for f in fields(cls) if f.name in ckpt})
 
-
-class TensorBoardLog:
-    """The per-epoch numbers as TensorBoard scalars in output_dir/tensorboard/, one step per
-    epoch, counted from 1 as the console counts them."""
-
-    TRAIN = ("train_acc", "train_loss", "loss1", "loss2", "loss3", "loss_att", "loss_concat",
-             "lr", "backbone_lr")
-    EVALUATED = ("acc_concat", "acc_com2", "acc_combined", "loss")
-
-    def __init__(self, out_dir, state):
-        # On resume, the events of the checkpoint's last finished epoch (and of its final test)
-        # on are dropped and written again from its history: those past it were written before a
-        # crash, and the last one's may never have been written (a kill between the checkpoint
-        # and its events).
-        first = len(state.history) or None
-        if state.final_test:
-            first = min(first or state.epoch, final_test_step(state))
-        self.writer = tensorboard_writer_class()(str(Path(out_dir) / TENSORBOARD_DIR),
-                                                 purge_step=first)
-        for record in state.history[first - 1:] if first else ():
-            self.epoch(record)
-        if state.final_test:
-            self.scalars("final_test", state.final_test, final_test_step(state))
-
-    def epoch(self, record):
-        step = record["epoch"] + 1
-        for key in self.TRAIN:
-            self.writer.add_scalar(f"train/{key}", record[key], step)
-        for split in ("val", "test"):
-            self.scalars(split, record.get(split), step)
-        self.writer.flush()
-
-    def scalars(self, split, result, step):
-        for key in self.EVALUATED if result else ():
-            self.writer.add_scalar(f"{split}/{key}", result[key], step)
-
-    def close(self):
-        self.writer.close()
-
-
 class RunSaver:
     """The files of a run in its output folder, as timm's CheckpointSaver keeps them: last.pt
     (every epoch, and inside one on request), best.pt when the combined test accuracy improves,
@@ -527,10 +269,10 @@ class RunSaver:
     checkpoint. `holdout`: with --val_split=F, the record of the images held out for
     validation (data.holdout_record), kept in every checkpoint."""
 
-    def __init__(self, out_dir, model, optimizer, scaler, settings, classes, writes=True,
+    def __init__(self, out_dir, model, optimizer, precision, settings, classes, writes=True,
                  init=None, holdout=None):
         self.out_dir = Path(out_dir)
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.model, self.optimizer, self.precision = model, optimizer, precision
         self.settings, self.classes, self.writes = settings, classes, writes
         self.init, self.holdout = init, holdout
         self.tensorboard = None
@@ -555,12 +297,12 @@ class RunSaver:
             raise NonFiniteError(f"the weights hold NaN or infinite values at epoch "
                                  f"{state.epoch + 1}; the run is stopped and no checkpoint was "
                                  f"written from this state. {NON_FINITE_FIXES}"
-                                 + (" Prefer --amp=bf16 to fp16." if self.scaler else ""))
+                                 + (" Prefer --amp=bf16 to fp16." if self.precision.scaler else ""))
         if not self.writes:
             return
         ckpt = {"format": FORMAT, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "scaler": self.precision.scaler_state(),
                 **{f.name: getattr(state, f.name) for f in fields(state)},
                 "settings": self.settings.to_dict(), "init": self.init, "classes": self.classes,
                 "holdout": self.holdout, "rng": rng_state()}
@@ -601,13 +343,6 @@ class RunSaver:
                                              final_test_step(state))
                 self.tensorboard.close()
 
-
-def final_test_step(state):
-    """The TensorBoard step of a run's final test: best.pt's epoch, or the last one's where
-    no epoch scored above 0 % on validation."""
-    return state.best_epoch + 1 if state.best_epoch is not None else state.epoch
-
-
 def mid_epoch(state, epoch, stats):
     """`state` as saved inside `epoch`, with its running sums `stats`."""
     return replace(state, epoch=epoch, stats=stats)
@@ -626,58 +361,12 @@ def load_model_state(model, ckpt, path):
     model.load_state_dict(ckpt["model"])
 
 
-def train_line(r):
-    return ("Iteration %d | train_acc = %.5f | train_loss = %.5f | Loss1: %.3f | Loss2: %.5f | "
-            "Loss3: %.5f | Loss_ATT: %.5f | Loss_concat: %.5f |\n"
-            % (r["epoch"], r["train_acc"], r["train_loss"], r["loss1"], r["loss2"], r["loss3"],
-               r["loss_att"], r["loss_concat"]))
-
-
-def test_line(epoch, test):
-    return "Iteration %d, test_acc_combined = %.5f, test_loss = %.6f\n" % (
-        epoch, test["acc_combined"], test["loss"])
-
-
-def evaluated(record):
-    """The evaluation of an epoch record: on the validation split where the run holds one out,
-    else on the test split (the reference's protocol); None on epochs not evaluated."""
-    return record.get("val") or record.get("test")
-
-
-# summary.csv: timm's columns where they apply, then the paper's three accuracies of the
-# evaluated split (validation where the run holds one out, else test); one row per epoch,
-# numbered from 1; the evaluation cells are empty on epochs that were not evaluated.
-SUMMARY_COLUMNS = ("epoch", "train_loss", "train_acc", "eval_loss", "eval_acc_concat",
-                   "eval_acc_com2", "eval_acc_combined", "lr", "backbone_lr", "time")
-
-
-def summary_csv(history):
-    import csv
-    import io
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(SUMMARY_COLUMNS)
-    for r in history:
-        t = evaluated(r) or {}
-        writer.writerow([r["epoch"] + 1, f"{r['train_loss']:.6f}", f"{r['train_acc']:.4f}",
-                         *(f"{t[k]:.6f}" if k in t else "" for k in ("loss", "acc_concat",
-                                                                       "acc_com2",
-                                                                       "acc_combined")),
-                         f"{r['lr']:.6g}", f"{r['backbone_lr']:.6g}", f"{r['time']:.1f}"])
-    return out.getvalue()
-
-
-def write_logs(out_dir, state):
-    """results_train.txt and results_test.txt in the reference formats (epochs from 0, as the
-    reference numbers them; with a validation split, results_test.txt holds the one test of
-    best.pt), log.jsonl (epochs from 1, as everything else a person reads) and summary.csv."""
-    out_dir, history = Path(out_dir), state.history
-    write_text(out_dir / TRAIN_LOG, "".join(train_line(r) for r in history))
-    tests = [(r["epoch"], r["test"]) for r in history if r.get("test")]
-    if state.final_test:
-        tests.append((state.best_epoch if state.best_epoch is not None else len(history) - 1,
-                      state.final_test))
-    write_text(out_dir / TEST_LOG, "".join(test_line(e, t) for e, t in tests))
-    write_text(out_dir / JSON_LOG, "".join(json.dumps({**r, "epoch": r["epoch"] + 1},
-                                                      sort_keys=True) + "\n" for r in history))
-    write_text(out_dir / SUMMARY, summary_csv(history))
+def check_classes(ck, classes, path):
+    """Refuse checkpoint `ck` (read from `path`) for data whose class names, or their order,
+    differ from those it was trained on."""
+    if ck["classes"] != classes:
+        differ = sorted(set(ck["classes"]) ^ set(classes))
+        raise CheckpointError(
+            f"{path} was trained on other classes than this data_path's"
+            + (f" (not in both: {differ[:8]})" if differ else " (same names, another order)")
+            + "; point --data_path at the dataset it was trained on")

@@ -78,27 +78,28 @@ class GraphedIteration:
         self.failed = None  # why capture failed: every iteration then runs eagerly
 
     def __call__(self, net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=None,
-                 amp_dtype=None, scaler=None):
+                 precision=None):
         if epoch is not None:
             set_learning_rates(optimizer, epoch, nb_epoch)
         key = (net, optimizer, criterion, tuple(inputs.shape), inputs.stride(), inputs.dtype,
-               amp_dtype)
+               None if precision is None else precision.dtype)
         if self.failed is None and holds_inplace_abn(net):
             self.failed = _give_up(INPLACE_ABN)
-        if scaler is not None or self.failed or not self._ready(net, optimizer):
+        if engine._scaler(precision) is not None or self.failed or \
+                not self._ready(net, optimizer):
             return engine.train_step(net, optimizer, inputs, targets, criterion,
-                                     amp_dtype=amp_dtype, scaler=scaler, ablation=self.ablation)
+                                     precision=precision, ablation=self.ablation)
         choices = [engine.draw_choice(), engine.draw_choice()]
         if self.captured is None or self.captured[0] != key:
             if self.captured is not None and self.captured[0][3] != key[3]:
                 # Another batch shape (a last, smaller batch): eager, the graph kept.
-                return self._eager(net, optimizer, inputs, targets, criterion, amp_dtype, choices)
+                return self._eager(net, optimizer, inputs, targets, criterion, precision, choices)
             try:
                 self.captured = (key, *self._capture(net, optimizer, inputs, targets, criterion,
-                                                     amp_dtype))
+                                                     precision))
             except RuntimeError as exc:  # an operation a graph cannot hold (a host sync)
                 self.failed = _give_up(exc)
-                return self._eager(net, optimizer, inputs, targets, criterion, amp_dtype, choices)
+                return self._eager(net, optimizer, inputs, targets, criterion, precision, choices)
         _, graph, static = self.captured
         static["x"].copy_(inputs)
         static["y"].copy_(targets)
@@ -116,13 +117,13 @@ class GraphedIteration:
         return all(p.grad is not None and optimizer.state.get(p, {}).get("momentum_buffer")
                    is not None for p in net.parameters())
 
-    def _eager(self, net, optimizer, inputs, targets, criterion, amp_dtype, choices):
+    def _eager(self, net, optimizer, inputs, targets, criterion, precision, choices):
         choice = torch.tensor(choices, device=inputs.device)
         return engine.step_result(*engine.iteration_tensors(
-            net, optimizer, inputs, targets, criterion, _selected(choice), amp_dtype,
+            net, optimizer, inputs, targets, criterion, _selected(choice), precision,
             ablation=self.ablation))
 
-    def _capture(self, net, optimizer, inputs, targets, criterion, amp_dtype):
+    def _capture(self, net, optimizer, inputs, targets, criterion, precision):
         """Capture the iteration on static copies of the batch; the warm-up iterations that
         capture needs are undone, so the run's state is as before."""
         device = inputs.device
@@ -140,7 +141,7 @@ class GraphedIteration:
         def iteration():
             return engine.iteration_tensors(
                 net, optimizer, static["x"], static["y"], criterion,
-                _selected(static["choice"]), amp_dtype, ablation=self.ablation,
+                _selected(static["choice"]), precision, ablation=self.ablation,
                 autocast_cache=False)
         try:
             for group, rate in zip(optimizer.param_groups, static["lr"]):
@@ -175,8 +176,8 @@ class GraphedScores:
     forward passes and the joint crop of a test batch in one launch. The graphs read the
     network's weights as they are at each call."""
 
-    def __init__(self, amp_dtype=None, graph=CudaGraph, warmup=2):
-        self.amp_dtype, self.new_graph, self.warmup = amp_dtype, graph, warmup
+    def __init__(self, precision=None, graph=CudaGraph, warmup=2):
+        self.precision, self.new_graph, self.warmup = precision, graph, warmup
         self.graphs = {}
         self.failed = None
 
@@ -185,13 +186,13 @@ class GraphedScores:
         if self.failed is None and holds_inplace_abn(model):
             self.failed = _give_up(INPLACE_ABN)
         if self.failed:
-            with engine._autocast(inputs.device, self.amp_dtype):
+            with engine._autocast(self.precision):
                 return engine.evaluation_logits(model, inputs)
         if key not in self.graphs:
             static_x = inputs.clone()
 
             def scores():
-                with engine._autocast(inputs.device, self.amp_dtype, cache=False):
+                with engine._autocast(self.precision, cache=False):
                     return engine.evaluation_logits(model, static_x)
             graph = self.new_graph()
             try:

@@ -30,6 +30,12 @@ def is_main():
     return rank() == 0
 
 
+def log(*args):
+    """print() on the main process alone (every process runs the same code), flushed."""
+    if is_main():
+        print(*args, flush=True)
+
+
 def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 

@@ -3,6 +3,8 @@
 Every entry point (the three dataset scripts, train.py, the demo, the benchmark) calls these.
 """
 
+import contextlib
+
 import torch
 from tqdm import tqdm
 
@@ -11,27 +13,33 @@ from cmal.distributed import unwrap
 from cmal.errors import NON_FINITE_FIXES, NonFiniteError  # noqa: F401 (engine's API)
 from cmal.methods import ABLATIONS
 from cmal.optimizer import set_learning_rates
-from cmal.precision import Precision
 from cmal.scores import attention_maps
 from cmal.utils import attention_im, highlight_im
 
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_att", "loss_concat")
 
 
-def _autocast(device, amp_dtype, cache=True):
-    return Precision.of_dtype(amp_dtype, device).autocast(cache)
+def _autocast(precision, cache=True):
+    """The forward's context under `precision` (a precision.Precision; None: float32)."""
+    return contextlib.nullcontext() if precision is None else precision.autocast(cache)
 
 
-def optimisation_step(net, optimizer, x, pick_loss, amp_dtype=None, scaler=None,
-                      autocast_cache=True):
+def _scaler(precision):
+    """The gradient scaler of `precision` (fp16's), or None."""
+    return None if precision is None else precision.scaler
+
+
+def optimisation_step(net, optimizer, x, pick_loss, precision=None, autocast_cache=True):
     """One forward of `net` on `x`, the loss `pick_loss(output)`, its backward and one optimizer
-    step; returns (output, the loss detached)."""
+    step; returns (output, the loss detached). `precision`: autocast and the gradient scaler
+    (precision.Precision; None: float32)."""
     # Gradients are zeroed, not freed: the reference's PyTorch kept zero-filled gradients, so
     # momentum and weight decay move every parameter at each optimizer step.
     optimizer.zero_grad(set_to_none=False)
-    with _autocast(x.device, amp_dtype, autocast_cache):
+    with _autocast(precision, autocast_cache):
         out = net(x)
         loss = pick_loss(out)
+    scaler = _scaler(precision)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -54,7 +62,7 @@ def _drawn(_, *candidates):
 
 
 def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=None,
-               amp_dtype=None, scaler=None, ablation="none"):
+               precision=None, ablation="none"):
     """One CMAL-Net iteration (spec section 4): five forward passes and five optimizer steps.
 
     e3 on the raw batch; attention crops from that pass; e2 and e1 on a crop or the raw batch
@@ -66,7 +74,7 @@ def train_step(net, optimizer, inputs, targets, criterion, epoch=None, nb_epoch=
     if epoch is not None:
         set_learning_rates(optimizer, epoch, nb_epoch)
     return step_result(*iteration_tensors(net, optimizer, inputs, targets, criterion, _drawn,
-                                          amp_dtype, scaler, ablation))
+                                          precision, ablation))
 
 
 def check_ablation(ablation):
@@ -74,8 +82,8 @@ def check_ablation(ablation):
         raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
 
 
-def iteration_tensors(net, optimizer, inputs, targets, criterion, choose, amp_dtype=None,
-                      scaler=None, ablation="none", autocast_cache=True):
+def iteration_tensors(net, optimizer, inputs, targets, criterion, choose, precision=None,
+                      ablation="none", autocast_cache=True):
     """train_step's five steps, on the device and without a host synchronisation (what a CUDA
     graph captures): returns (loss1, loss2, loss3, loss_att, loss_concat and the number of
     correct concatenation predictions as one float tensor, the concatenation logits).
@@ -83,7 +91,7 @@ def iteration_tensors(net, optimizer, inputs, targets, criterion, choose, amp_dt
     `choose(k, crop_a, crop_b, raw)` picks the input of step k (0: expert 2's, 1: expert 1's).
     """
     def optimise(pick_loss, x):
-        return optimisation_step(net, optimizer, x, pick_loss, amp_dtype, scaler, autocast_cache)
+        return optimisation_step(net, optimizer, x, pick_loss, precision, autocast_cache)
 
     def ce(logits):
         return criterion(logits.float(), targets)
@@ -138,8 +146,8 @@ def new_epoch_stats():
 
 
 def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, stats=None,
-                    amp_dtype=None, scaler=None, channels_last=False, after_batch=None,
-                    progress=True, iteration=None):
+                    precision=None, channels_last=False, after_batch=None, progress=True,
+                    iteration=None):
     """Train for the rest of one epoch; return (stats, finished).
 
     `iteration`: what one batch runs, with train_step's signature (train_step with an ablation,
@@ -171,12 +179,13 @@ def train_one_epoch(net, optimizer, loader, criterion, device, epoch, nb_epoch, 
         targets = targets.to(device, non_blocking=True)
         try:
             step = iteration(net, optimizer, inputs, targets, criterion, epoch, nb_epoch,
-                             amp_dtype=amp_dtype, scaler=scaler)
+                             precision=precision)
         except NonFiniteError as exc:
+            fp16 = " Prefer --amp=bf16 to fp16." if _scaler(precision) else ""
             raise NonFiniteError(
                 f"non-finite training loss at epoch {epoch + 1}, batch {stats['position']} "
                 f"({exc}). The run is stopped and no checkpoint was written from this state. "
-                f"{NON_FINITE_FIXES}" + (" Prefer --amp=bf16 to fp16." if scaler else "")) from None
+                f"{NON_FINITE_FIXES}" + fp16) from None
         stats["batches"] += 1
         stats["total"] += targets.shape[0]
         stats["correct"] += step["correct"]
@@ -223,7 +232,7 @@ def ranking_logits(model, inputs):
 
 
 @torch.no_grad()
-def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=False,
+def evaluate(net, loader, criterion, device=None, precision=None, channels_last=False,
              progress=False, should_stop=None, num_classes=None, flip=False, scores=None):
     """Spec section 5: the raw pass, the joint attention crop pass, and the accuracies.
 
@@ -237,7 +246,8 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
     Beyond the paper's protocol: with `num_classes`, also the top-5 accuracy of the combined
     score and its confusion matrix (rows: true class, columns: predicted); with `flip`, the
     combined accuracy of the image and its mirror image scored together (acc_combined_flip).
-    `scores(model, inputs)`: what computes evaluation_logits under --amp (cuda_graph.GraphedScores);
+    `precision`: autocast's (precision.Precision; None: float32). `scores(model, inputs)`: what
+    computes evaluation_logits under it (cuda_graph.GraphedScores);
     by default evaluation_logits itself.
 
     Where the loader yields annotated boxes (a fourth item per batch: the dataset has a
@@ -261,10 +271,10 @@ def evaluate(net, loader, criterion, device=None, amp_dtype=None, channels_last=
             if not with_maps:
                 return logits
             # The graphed scores keep no maps: one more eager raw pass computes them.
-            with _autocast(device, amp_dtype):
+            with _autocast(precision):
                 maps = attention_maps(model, model(inputs)) if hasattr(model, "experts") else None
             return (*logits, maps)
-        with _autocast(device, amp_dtype):
+        with _autocast(precision):
             return evaluation_logits(model, inputs, with_maps)
     for inputs, targets, _, *part in tqdm(loader, desc="test", leave=False, dynamic_ncols=True,
                                           disable=not progress):

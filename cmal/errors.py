@@ -29,6 +29,10 @@ class WeightsError(UserError, RuntimeError):
     """A weight file that cannot be used: missing, unreadable, unsafe or of another architecture."""
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
 # A full filesystem, or the user's quota spent on it: what a user fixes by freeing space.
 DISK_FULL = {errno.ENOSPC: "no space left", errno.EDQUOT: "the disk quota is exhausted"}
 

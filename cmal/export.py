@@ -341,7 +341,7 @@ def install(out_dir, staged, description=None):
     for tmp, final in staged:
         tmp.replace(final)
     if description is not None:
-        from cmal.checkpoint import write_text
+        from cmal.files import write_text
         write_text(out_dir / MANIFEST, json.dumps(description, indent=2) + "\n")
 
 
@@ -353,10 +353,10 @@ def remove_partial_files(out_dir):
 
 
 def export_lock(out_dir):
-    """The folder's lock (checkpoint.RunLock, the one training runs take): one export, or one
+    """The folder's lock (files.RunLock, the one training runs take): one export, or one
     training run, writes into a folder at a time. Creates the folder; release() removes it again
     if it stayed empty."""
-    from cmal.checkpoint import RunLock
+    from cmal.files import RunLock
     return RunLock(out_dir, owner="export", option="OUT_DIR")
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from cmal import checkpoint as ckpt_io
-from cmal.data import BadImageError, allow_images_up_to, build_transforms, is_image_file, load_rgb
+from cmal.data import build_transforms
+from cmal.images import BadImageError, allow_images_up_to, is_image_file, load_rgb
 from cmal.errors import UserError
 from cmal import methods
 from cmal.precision import Precision
@@ -174,7 +175,7 @@ def write_evaluation_report(folder, classes, confusion, rows):
     CONFUSION_PICTURE_LIMIT classes) confusion.png; returns the files written."""
     import csv
     import io
-    from cmal.checkpoint import write_text
+    from cmal.files import write_text
     folder = Path(folder)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")

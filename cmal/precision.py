@@ -1,7 +1,9 @@
 """--amp on a device, decided once: autocast's dtype, the gradient scaler and the ABN kind they
 imply. A run builds one from its settings; --test_only and a resumed run from the checkpoint's
-settings (the network and its evaluation then agree)."""
+settings (the network and its evaluation then agree). The engine's functions take it as one
+argument (`precision`; None: float32)."""
 import contextlib
+import functools
 
 import torch
 
@@ -32,6 +34,21 @@ class Precision:
     def new_scaler(self):
         """fp16's gradient scaler (its state goes into checkpoints), or None."""
         return torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
+
+    @functools.cached_property
+    def scaler(self):
+        """The run's gradient scaler (new_scaler), made when first asked for: the one every
+        optimizer step of this precision uses, and whose state checkpoints keep."""
+        return self.new_scaler()
+
+    def scaler_state(self):
+        """What a checkpoint keeps of the scaler (its "scaler" entry): its state, or None."""
+        return self.scaler.state_dict() if self.scaler else None
+
+    def load_scaler_state(self, state):
+        """The scaler's state from a checkpoint's "scaler" entry (nothing to load: nothing done)."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
 
     def abn_kind(self, choice, cuda_graph=False):
         """The ABN an --abn setting builds at this precision (tresnet.abn.abn_kind_for)."""

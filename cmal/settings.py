@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-from cmal.data import CHECKS
+from cmal.folders import CHECKS
 from cmal.errors import UserError
 from cmal.methods import ABLATIONS, METHODS, REGISTRY
 from cmal.optimizer import SGD_IMPLS

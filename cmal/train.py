@@ -22,18 +22,23 @@ import torch
 import torch.nn as nn
 
 from cmal import checkpoint as ckpt_io
+from cmal import run_logs
 from cmal import distributed
 from cmal import localisation, methods
 from cmal import settings
-from cmal.data import (DatasetError, build_loaders, holdout_change, holdout_method_of, mix_seed,
-                       shutdown_workers)
+from cmal.data import build_loaders, holdout_change, holdout_method_of, mix_seed, shutdown_workers
+from cmal.folders import DatasetError
+from cmal.checkpoint import check_classes
 from cmal.cuda_graph import GraphedScores
+from cmal.distributed import log
 from cmal.engine import evaluate, new_epoch_stats, reduce_stats, summarise_train, train_one_epoch
+from cmal.files import RunLock
 from cmal.errors import (DiskFullError, WriteError, disk_full_cause, run_command,
                          unnamed_disk_full)
 from cmal.inference import model_of
 from cmal.model import compile_network
 from cmal.precision import Precision
+from cmal.test_only import evaluated_path, test_only
 from cmal.optimizer import (load_optimizer_state, make_optimizer, set_hyperparameters,
                             set_learning_rates, zero_fill_grads)
 from cmal.tresnet.weights import resolve_weights
@@ -55,16 +60,11 @@ def selection_split(cfg):
     return "test" if cfg.val_split == "none" else "validation"
 
 
-def log(*args):
-    if distributed.is_main():
-        print(*args, flush=True)
-
-
 def epoch_line(record, cfg, best):
     method = methods.method_of(cfg)
     line = (f"epoch {record['epoch'] + 1:3d}/{cfg.epochs} | train acc {record['train_acc']:6.2f}% "
             f"loss {record['train_loss']:.4f}" + method.losses_text(record))
-    t = ckpt_io.evaluated(record)
+    t = run_logs.evaluated(record)
     if t:
         line += " | " + method.scores_text(t, best, "val" if record.get("val") else "test")
     if t and t.get("localisation"):
@@ -138,7 +138,7 @@ def resume_path(cfg):
     return path
 
 
-def restore(ck, path, cfg, classes, model, optimizer, scaler):
+def restore(ck, path, cfg, classes, model, optimizer, precision):
     """Load a checkpoint into the run's objects; return the RunState it holds."""
     check_classes(ck, classes, path)
     ckpt_io.load_model_state(model, ck, path)
@@ -146,8 +146,7 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
     # Base rates, momentum and weight decay of the run's settings, which are the checkpoint's
     # (settings_of_checkpoint); each iteration then sets its scheduled rate.
     set_hyperparameters(optimizer, cfg.lr, cfg.backbone_lr, cfg.momentum, cfg.weight_decay)
-    if scaler is not None and ck.get("scaler"):
-        scaler.load_state_dict(ck["scaler"])
+    precision.load_scaler_state(ck.get("scaler"))
     state = ckpt_io.RunState.from_checkpoint(ck)
     if cfg.extend:  # more epochs may choose another best.pt: its test is scored anew
         state.final_test = None
@@ -163,15 +162,6 @@ def restore(ck, path, cfg, classes, model, optimizer, scaler):
     return state
 
 
-def check_classes(ck, classes, path):
-    if ck["classes"] != classes:
-        differ = sorted(set(ck["classes"]) ^ set(classes))
-        raise ckpt_io.CheckpointError(
-            f"{path} was trained on other classes than this data_path's"
-            + (f" (not in both: {differ[:8]})" if differ else " (same names, another order)")
-            + "; point --data_path at the dataset it was trained on")
-
-
 def run(cfg, given=frozenset()):
     """Train (or with --test_only evaluate) as `cfg` says; return the exit status. `given`: the
     settings named on the command line (a resumed run takes the others from its checkpoint).
@@ -182,7 +172,7 @@ def run(cfg, given=frozenset()):
     device = distributed.setup_device(cfg)
     lock = None
     if not cfg.test_only and distributed.is_main():
-        lock = ckpt_io.RunLock(cfg.output_dir).acquire()
+        lock = RunLock(cfg.output_dir).acquire()
     try:
         path = evaluated_path(cfg) if cfg.test_only else resume_path(cfg)
         ck = load_checkpoint(path, cfg) if path else None
@@ -254,18 +244,6 @@ def check_holdout(cfg, ck, holdout, path):
             "validate on the new " + ("images" if folder else "hold-out") + " from here on")
     log(f"--accept_new_holdout: validating on the new hold-out from here on: {change} (the "
         "best accuracy so far was measured on the old one)")
-
-
-def evaluated_path(cfg):
-    """The checkpoint --test_only scores: --resume=PATH, else output_dir/best.pt."""
-    if cfg.resume and cfg.resume != "auto":
-        return Path(cfg.resume)
-    path = Path(cfg.output_dir) / "best.pt"
-    if not path.is_file():
-        raise ckpt_io.not_a_file(path, alternative=" (--test_only evaluates --output_dir's "
-                                                   "best.pt: pass --output_dir=RUN_FOLDER, or "
-                                                   "--resume=CHECKPOINT)")
-    return path
 
 
 def settings_of_checkpoint(cfg, ck, given, path):
@@ -398,7 +376,7 @@ def continues_folder(out_dir, ck):
     checkpoints is a state of that run at or before `ck`, and log.jsonl records a first part of
     `ck`'s epochs. Resuming `ck` there then replaces nothing it does not reproduce."""
     checkpoints = _folder_checkpoints(out_dir)
-    logged = ckpt_io.logged_records(out_dir)
+    logged = run_logs.logged_records(out_dir)
     if logged is None or not (checkpoints or logged):
         return False  # unreadable, or only reports and events of a run nothing identifies
     return (all(c is not None and leads_to(c, ck) for c in checkpoints.values())
@@ -433,7 +411,7 @@ def rewind_message(out_dir, path, ck):
     last = _folder_checkpoints(out_dir).get("last.pt")
     if last is not None and ckpt_io.progress(last) > ckpt_io.progress(ck):
         beyond.append(f"last.pt at {ckpt_io.describe_progress(last)}")
-    logged, trained = ckpt_io.logged_records(out_dir) or [], len(ck.get("history", []))
+    logged, trained = run_logs.logged_records(out_dir) or [], len(ck.get("history", []))
     if len(logged) > trained:
         beyond.append(f"the records of epochs {trained + 1}-{len(logged)}")
     what = " and ".join(beyond) or "files of another run"
@@ -491,7 +469,6 @@ class Training:
         self.selection_loader = loaders.test if loaders.val is None else loaders.val
         classes = loaders.classes
         self.precision = Precision(cfg.amp, device)  # from the checkpoint's settings on resume
-        self.amp_dtype = self.precision.dtype
         self.criterion = nn.CrossEntropyLoss()
         graphs = settings.use_cuda_graph(cfg, device)
         self.method = methods.method_of(cfg)
@@ -502,8 +479,7 @@ class Training:
         self.model = model
         self.optimizer = make_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.momentum,
                                         cfg.weight_decay, cfg.sgd)
-        self.scaler = self.precision.new_scaler()
-        self.state = restore(ck, path, cfg, classes, model, self.optimizer, self.scaler) \
+        self.state = restore(ck, path, cfg, classes, model, self.optimizer, self.precision) \
             if ck is not None else ckpt_io.RunState()
         # What initialised the network: this run's backbone weights, or for a resumed run what it
         # started from (None in a checkpoint written before runs recorded it). The first lines
@@ -511,7 +487,7 @@ class Training:
         self.init = model.init_record if ck is None else ck.get("init")
         for line in init_lines(self.init):
             log(line)
-        self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.scaler, cfg,
+        self.saver = ckpt_io.RunSaver(cfg.output_dir, model, self.optimizer, self.precision, cfg,
                                       classes, writes=distributed.is_main(), init=self.init,
                                       holdout=loaders.holdout)
         best = Path(cfg.output_dir) / "best.pt"
@@ -541,7 +517,7 @@ class Training:
         if cfg.cuda_graph == "true" and not graphs:
             log(f"--cuda_graph=true: no CUDA graphs on {device}; every iteration runs eagerly")
         self.iteration = self.method.iteration(cfg, cuda_graph=graphs)
-        self.scores = GraphedScores(self.amp_dtype) if graphs else None
+        self.scores = GraphedScores(self.precision) if graphs else None
         log(f"{self.method.describe(cfg)}: {len(loaders.train.dataset)} train / "
             + (f"{len(loaders.val.dataset)} validation / " if loaders.val else "")
             + f"{len(loaders.test.dataset)} test images, {len(classes)} classes, {cfg.epochs} "
@@ -600,7 +576,7 @@ class Training:
         # A network of its own: the run's keeps the last epoch's weights, which last.pt holds.
         net = self.net if state.best_epoch is None else \
             model_of(ckpt_io.load(path), path, self.device, self.precision)
-        test = evaluate(net, self.test_loader, self.criterion, self.device, self.amp_dtype,
+        test = evaluate(net, self.test_loader, self.criterion, self.device, self.precision,
                         self.cfg.channels_last, progress=self.progress,
                         should_stop=lambda: stop.signal is not None, scores=self.scores)
         if test is None:
@@ -638,7 +614,7 @@ class Training:
 
         stats, finished = train_one_epoch(
             self.net, self.optimizer, self.train_loader, self.criterion, self.device, epoch,
-            cfg.epochs, stats=stats, amp_dtype=self.amp_dtype, scaler=self.scaler,
+            cfg.epochs, stats=stats, precision=self.precision,
             channels_last=cfg.channels_last, after_batch=after_batch, progress=self.progress,
             iteration=self.iteration)
         distributed.broadcast_buffers(self.model)
@@ -648,7 +624,7 @@ class Training:
             # evaluation runs again on resume.
             t_test = time.time()
             scored = evaluate(self.net, self.selection_loader, self.criterion, self.device,
-                              self.amp_dtype, cfg.channels_last, progress=self.progress,
+                              self.precision, cfg.channels_last, progress=self.progress,
                               should_stop=lambda: stop.signal is not None, scores=self.scores)
             finished = scored is not None
             if finished:
@@ -671,59 +647,6 @@ class Training:
         self.saver.end_epoch(state, best=is_best)
         log(epoch_line(record, cfg, state.best_acc))
         return True
-
-
-def test_only(cfg, device, ck, path, test_loader):
-    """Score a checkpoint on cfg.data_path's test split, with the network, image size and resize
-    it was trained with (cfg holds them already). Besides the paper's three accuracies, it
-    reports top-5 and mean per-class accuracy, and writes a per-class table and the confusion
-    matrix next to the checkpoint (CHECKPOINT-STEM_evaluation/)."""
-    from cmal.inference import mean_class_accuracy, per_class_rows, write_evaluation_report
-    classes = ck["classes"]
-    check_classes(ck, test_loader.dataset.classes, path)
-    report = path.parent / f"{path.stem}_evaluation"
-    if report.exists() and any(report.iterdir()) and not cfg.overwrite:
-        raise ckpt_io.CheckpointError(f"{report} already holds an evaluation report: pass "
-                                      "--overwrite to replace it, or move it away")
-    # One precision for the network's ABN and the evaluation's autocast: this command's --amp.
-    precision = Precision(cfg.amp, device)
-    model = model_of(ck, path, device, precision)
-    result = evaluate(model, test_loader, nn.CrossEntropyLoss(), device, precision.dtype,
-                      cfg.channels_last,
-                      progress=settings.show_progress(cfg) and distributed.is_main(),
-                      num_classes=len(classes), flip=cfg.tta_flip,
-                      scores=GraphedScores(precision.dtype)
-                      if settings.use_cuda_graph(cfg, device) else None)
-    log(f"{path}: {methods.method_of(cfg).test_only_text(result)}")
-    if "localisation" in result:
-        log(localisation.describe(result["localisation"]))
-    rows = per_class_rows(classes, result["confusion"])
-    kind = methods.method_of(cfg).headline
-    log(f"beyond the paper's protocol: top-5 ({kind}) {result['acc_top5_combined']:.2f}%, "
-        f"mean per-class ({kind}) {mean_class_accuracy(rows):.2f}%"
-        + (f", combined with mirror images {result['acc_combined_flip']:.2f}%"
-           if cfg.tta_flip else ""))
-    if distributed.is_main():
-        try:
-            written = write_evaluation_report(report, classes, result["confusion"], rows)
-        except (WriteError, OSError) as exc:
-            raise report_not_written(exc, report, path) from None
-        log(f"per-class accuracy and confusion matrix: {', '.join(str(p) for p in written)}")
-    return 0
-
-
-def report_not_written(exc, report, path):
-    """--test_only could not write its report beside the checkpoint: the accuracies it printed
-    stand; say where the report can be written instead."""
-    full = isinstance(exc, DiskFullError) or disk_full_cause(exc) is not None
-    reason = exc.problem if isinstance(exc, WriteError) else f"cannot write ({exc.strerror})"
-    elsewhere = (f"link or copy {path} into a folder you can write to and evaluate that "
-                 f"(--test_only --resume=FOLDER/{path.name}): the report is written beside the "
-                 "checkpoint")
-    return ckpt_io.CheckpointError(
-        f"the accuracies above stand, but the evaluation report could not be written into "
-        f"{report} ({reason}); " + (f"free space and evaluate again, or {elsewhere}" if full
-                                    else elsewhere))
 
 
 def main(defaults=None, argv=None, description=None):

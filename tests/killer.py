@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmal import checkpoint  # noqa: E402
 from cmal import engine  # noqa: E402
+from cmal import files  # noqa: E402
 from cmal import scores  # noqa: E402
 from cmal import train  # noqa: E402
 
@@ -51,7 +51,7 @@ elif kind == "doubleint":
         return result
     engine.train_step = train_step
 elif kind == "write":
-    original_write = checkpoint._atomic_write
+    original_write = files._atomic_write
 
     def atomic_write(path, write):
         def half_then_die(f):
@@ -65,7 +65,7 @@ elif kind == "write":
             tick()
             write(f)
         original_write(path, half_then_die)
-    checkpoint._atomic_write = atomic_write
+    files._atomic_write = atomic_write
 elif kind in ("eval", "evalterm"):
     # Evaluation's joint crop is computed in cmal/scores.py (the network's evaluation_logits).
     original_evaluate, original_highlight = train.evaluate, scores.highlight_im

@@ -19,6 +19,7 @@ from cmal.engine import train_step
 from cmal.model import compile_network
 from cmal.optimizer import make_optimizer
 from cmal.model import build_cmal
+from cmal.precision import Precision
 from cmal.tresnet import inplace_abn_available
 from tests.conftest import TINY_ARGS, TINY_NET, make_image_folder
 
@@ -54,10 +55,11 @@ def _steps(net, impl="loop", amp_dtype=None, iterations=2, runner=None, step=tra
     optimizer = make_optimizer(net, lr=0.01, backbone_lr=0.01, impl=impl)
     x, y = _batch()
     criterion = nn.CrossEntropyLoss()
+    precision = Precision.of_dtype(amp_dtype, "cuda")
     losses = []
     for seed in range(iterations):
         torch.manual_seed(seed)
-        losses.append(step(runner or net, optimizer, x, y, criterion, amp_dtype=amp_dtype))
+        losses.append(step(runner or net, optimizer, x, y, criterion, precision=precision))
     return losses
 
 
@@ -118,12 +120,13 @@ def _from_the_same_states(make_runner, step, amp_dtype, iterations=4):
     criterion = nn.CrossEntropyLoss()
     eager_opt, other_opt = (make_optimizer(n, lr=0.01, backbone_lr=0.01, impl="fused")
                             for n in (eager_net, other_net))
+    precision = Precision.of_dtype(amp_dtype, "cuda")
     pairs = []
     for seed in range(iterations):
         torch.manual_seed(seed)
-        expected = train_step(eager_net, eager_opt, x, y, criterion, amp_dtype=amp_dtype)
+        expected = train_step(eager_net, eager_opt, x, y, criterion, precision=precision)
         torch.manual_seed(seed)
-        got = step(runner, other_opt, x, y, criterion, amp_dtype=amp_dtype)
+        got = step(runner, other_opt, x, y, criterion, precision=precision)
         pairs.append((expected, got))
         with torch.no_grad():
             for e, o in zip(_state_tensors(eager_net, eager_opt),

@@ -11,7 +11,9 @@ from PIL import Image
 
 from cmal.tools import check_data
 from cmal import train
-from cmal.data import BadImageError, DatasetError, EpochSampler, build_transforms, check_layout, load_rgb
+from cmal.data import EpochSampler, build_transforms
+from cmal.folders import DatasetError, check_layout
+from cmal.images import BadImageError, load_rgb
 from tests.conftest import TINY_ARGS, make_image_folder
 
 

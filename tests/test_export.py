@@ -9,7 +9,7 @@ import torchvision.transforms as T
 
 from cmal.inference import load_trained
 from cmal import export, train
-from cmal.data import load_rgb
+from cmal.images import load_rgb
 from cmal.scores import combined_scores
 from cmal import inference
 from cmal.tools import export as export_tool

@@ -13,6 +13,7 @@ from cmal import distributed
 from cmal.engine import train_step
 from cmal.optimizer import load_optimizer_state, make_optimizer
 from cmal.model import build_cmal
+from cmal.precision import Precision
 from cmal.tresnet import NativeABN, PureABN, abn_kind, abn_kind_for
 from tests.conftest import TINY_NET
 
@@ -110,12 +111,13 @@ def _two_steps(impl, amp_dtype=None, abn="pure", iterations=2, device="cpu", sna
     net = build_cmal(4, abn=abn, **TINY_NET).to(device)
     optimizer = make_optimizer(net, lr=0.01, backbone_lr=0.01, impl=impl)
     x, y = _fixed_batch(device)
+    precision = Precision.of_dtype(amp_dtype, device)
     losses = []
     for seed in range(iterations):
         if snapshots is not None:
             snapshots.append(copy.deepcopy(net.state_dict()))
         torch.manual_seed(seed)
-        losses.append(train_step(net, optimizer, x, y, nn.CrossEntropyLoss(), amp_dtype=amp_dtype))
+        losses.append(train_step(net, optimizer, x, y, nn.CrossEntropyLoss(), precision=precision))
     if snapshots is not None:
         snapshots.append(copy.deepcopy(net.state_dict()))
     return net, optimizer, losses

@@ -347,7 +347,8 @@ def test_resume_and_evaluation_refuse_another_method_or_ablation(image_folder, t
 
 
 def test_tools_on_a_baseline_checkpoint(image_folder, tmp_path, capsys):
-    from cmal.data import build_transforms, load_rgb
+    from cmal.data import build_transforms
+    from cmal.images import load_rgb
     from cmal.tools import attention, plot_curves, predict
     out = tmp_path / "run"
     assert run(image_folder, out, "--epochs=1", "--method=baseline") == 0

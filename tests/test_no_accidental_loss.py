@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from cmal import checkpoint as ckpt_io
+from cmal.files import RunLock
+from cmal.run_logs import SUMMARY_COLUMNS
 from cmal.inference import load_trained
 from cmal import export, train
 from cmal.tools import export as export_tool
@@ -149,7 +151,7 @@ def test_a_run_that_ended_before_its_first_epoch_is_no_previous_run(data, tmp_pa
     (out / ckpt_io.SETTINGS_FILE).write_text("{}")
     for name in (ckpt_io.TRAIN_LOG, ckpt_io.TEST_LOG, ckpt_io.JSON_LOG):
         (out / name).write_text("")
-    (out / ckpt_io.SUMMARY).write_text(",".join(ckpt_io.SUMMARY_COLUMNS) + "\n")
+    (out / ckpt_io.SUMMARY).write_text(",".join(SUMMARY_COLUMNS) + "\n")
     assert _train(data, out, "--epochs=1") == 0
 
 
@@ -416,7 +418,7 @@ def test_export_into_a_folder_a_training_run_holds_is_refused(two_checkpoints, t
                                                               capsys):
     a, _ = two_checkpoints
     out = tmp_path / "run"
-    lock = ckpt_io.RunLock(out).acquire()
+    lock = RunLock(out).acquire()
     try:
         assert export_tool.main([str(a), str(out), "--format=torchscript"]) == 2
         assert "is in use by another training run" in capsys.readouterr().err

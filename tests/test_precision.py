@@ -12,6 +12,7 @@ from cmal.engine import evaluate, train_step
 from cmal.model import compile_network
 from cmal.optimizer import make_optimizer
 from cmal.model import build_cmal
+from cmal.precision import Precision
 from tests.conftest import TINY_ARGS, TINY_NET
 from tests.test_fast_path import LOSS_TOLERANCE
 
@@ -43,9 +44,10 @@ def test_autocast_step_close_to_float32(abn_impl, amp):
     ref, net = _pair(abn_impl)
     x, y = _batch()
     expected = _step(ref, x, y)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if amp == "fp16" else None
-    got = _step(net, x, y, amp_dtype=dtype, scaler=scaler)
+    precision = Precision(amp, "cpu")
+    if amp == "fp16":
+        precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    got = _step(net, x, y, precision=precision)
     # The first pass sees the same input and weights: it agrees within bf16's precision (fp16
     # keeps 3 more bits). The later passes' crops can move by a pixel with any rounding, so they
     # are compared state by state in test_fast_path.check_bf16_learns_as_fp32; here they must
@@ -56,7 +58,7 @@ def test_autocast_step_close_to_float32(abn_impl, amp):
     # Evaluation under autocast scores the same trained network as float32 does.
     batch = [(x, y, 0)]
     reference = evaluate(net, batch, nn.CrossEntropyLoss())
-    result = evaluate(net, batch, nn.CrossEntropyLoss(), amp_dtype=dtype)
+    result = evaluate(net, batch, nn.CrossEntropyLoss(), precision=precision)
     assert result["loss"] == pytest.approx(reference["loss"], rel=LOSS_TOLERANCE)
     for k in ("acc_concat", "acc_com2"):  # 4 samples: one flipped prediction is 25 points
         assert abs(result[k] - reference[k]) <= 25, k
@@ -120,9 +122,15 @@ def test_cli_compile_wraps_the_trained_network(image_folder, tmp_path, monkeypat
 
 
 def test_precision_is_decided_once_from_amp_and_the_device():
-    from cmal.precision import Precision
     fp16 = Precision("fp16", "cpu")
     assert fp16.dtype is torch.float16 and isinstance(fp16.new_scaler(), torch.amp.GradScaler)
+    # one scaler per Precision, whose state a checkpoint keeps and a resumed run loads back
+    assert fp16.scaler is fp16.scaler and fp16.scaler_state() == fp16.scaler.state_dict()
+    other = Precision("fp16", "cpu")
+    other.load_scaler_state({**fp16.scaler_state(), "scale": 128.0})
+    assert other.scaler_state()["scale"] == 128.0
+    bf16 = Precision("bf16", "cpu")
+    assert bf16.scaler is None and bf16.scaler_state() is None
     assert Precision("none", "cpu").new_scaler() is None and Precision("bf16", "cpu").new_scaler() is None
     # the ABN kind it implies: native under autocast on CUDA, pure on the CPU
     assert Precision("bf16", "cuda").abn_kind("auto") == "native"

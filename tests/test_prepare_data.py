@@ -624,7 +624,7 @@ def test_cars_test_annos_option_is_refused_where_every_image_is_labelled(tmp_pat
 
 
 def test_cars_parquet_export(tmp_path, capsys):
-    from cmal.data import check_layout as scan
+    from cmal.folders import check_layout as scan
     src = make_cars_parquet(tmp_path / "dl")
     code, out_text, _ = run(capsys, "cars", src, tmp_path / "out")
     out = tmp_path / "out"
@@ -969,7 +969,7 @@ def test_command_line_help_and_user_error_without_traceback(tmp_path):
 
 
 def test_food11_validation_to_val_feeds_val_split_folder(tmp_path, capsys):
-    from cmal.data import check_layout as scan
+    from cmal.folders import check_layout as scan
     src = make_food11_flat(tmp_path / "dl")
     code, out_text, _ = run(capsys, "food11", src, tmp_path / "out", "--validation_to", "val")
     out = tmp_path / "out"

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from cmal import checkpoint as ckpt_io
+from cmal import run_logs
 from cmal import settings
 from cmal import train
-from cmal.data import (HOLDOUT_PERMUTATION, VAL_SPLIT, check_layout, hold_out, holdout_record,
-                       mix_seed)
+from cmal.data import HOLDOUT_PERMUTATION, hold_out, holdout_record, mix_seed
+from cmal.folders import VAL_SPLIT, check_layout
 from tests.conftest import TINY_ARGS, make_image_folder
 
 
@@ -239,7 +240,7 @@ def test_best_is_chosen_on_validation_and_test_is_scored_once(validated_run):
     final = last["final_test"]
     assert final["samples"] == 9
     test_lines = (out / "results_test.txt").read_text().splitlines()
-    assert test_lines == [ckpt_io.test_line(best, final).strip()]
+    assert test_lines == [run_logs.test_line(best, final).strip()]
     # The once-scored test result is best.pt's, as --test_only computes it.
     result = ckpt_io.load(out / "best.pt")
     assert result["epoch"] == best + 1
@@ -408,7 +409,7 @@ def test_extending_a_validated_run_scores_its_best_on_test_again(tmp_path, capsy
     assert "on test, scored once" in printed  # best.pt may be another epoch's now
     last = ckpt_io.load(out / "last.pt")
     assert (out / "results_test.txt").read_text().splitlines() == \
-        [ckpt_io.test_line(last["best_epoch"], last["final_test"]).strip()]
+        [run_logs.test_line(last["best_epoch"], last["final_test"]).strip()]
     # Resuming the finished run again scores nothing and changes nothing.
     before = (out / "results_test.txt").read_text()
     assert _train(data, out, "--resume") == 0

@@ -13,11 +13,12 @@ import pytest
 
 from cmal.tools import check_data
 from cmal import checkpoint as ckpt_io
+from cmal.files import LOCK_NAME, OutputDirError, RunLock
 from cmal.tools import plot_curves
 from cmal.tools import predict
 from cmal import settings
 from cmal import train
-from cmal.data import Layout, check_layout
+from cmal.folders import Layout, check_layout
 from cmal.tresnet import WeightsError
 from cmal.tresnet.weights import cache_name, download
 from tests.conftest import TINY_ARGS, make_image_folder
@@ -135,7 +136,7 @@ def test_second_run_into_a_busy_folder_is_refused(tmp_path):
     out = tmp_path / "out"
     first = launch(data, out, "none", 0, "--epochs=500", wait=False)
     try:
-        lock = out / ckpt_io.LOCK_NAME
+        lock = out / LOCK_NAME
         deadline = time.time() + QUICK
         while time.time() < deadline and first.poll() is None and not (
                 lock.exists() and lock.read_text()):
@@ -152,11 +153,11 @@ def test_second_run_into_a_busy_folder_is_refused(tmp_path):
 
 
 def test_lock_is_released_and_reacquired_in_one_process(tmp_path):
-    lock = ckpt_io.RunLock(tmp_path).acquire()
-    with pytest.raises(ckpt_io.OutputDirError, match=f"process {os.getpid()}"):
-        ckpt_io.RunLock(tmp_path).acquire()
+    lock = RunLock(tmp_path).acquire()
+    with pytest.raises(OutputDirError, match=f"process {os.getpid()}"):
+        RunLock(tmp_path).acquire()
     lock.release()
-    ckpt_io.RunLock(tmp_path).acquire().release()
+    RunLock(tmp_path).acquire().release()
 
 
 @pytest.mark.parametrize("where", ["file", "under_file", "unwritable"])

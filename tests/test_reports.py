@@ -23,7 +23,8 @@ from cmal.inference import load_trained
 from cmal import engine
 from cmal import settings
 from cmal import train
-from cmal.data import build_loaders, build_transforms, hold_out, load_rgb
+from cmal.data import build_loaders, build_transforms, hold_out
+from cmal.images import load_rgb
 from cmal.engine import evaluate
 from cmal.inference import per_class_rows
 from cmal.distributed import unwrap

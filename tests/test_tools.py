@@ -13,7 +13,8 @@ from cmal.inference import load_trained
 from cmal import engine
 from cmal.tools import plot_curves
 from cmal.tools import predict
-from cmal.data import build_transforms, load_rgb
+from cmal.data import build_transforms
+from cmal.images import load_rgb
 from cmal.scores import combined_scores
 from cmal.utils import highlight_im
 

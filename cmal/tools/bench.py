@@ -130,7 +130,6 @@ def measure(args):
     net = net.to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    amp_dtype, scaler = precision.dtype, precision.new_scaler()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -142,13 +141,13 @@ def measure(args):
         step = GraphedIteration() if graphs else train_step
 
         def once():
-            step(runner, optimizer, x, y, criterion, amp_dtype=amp_dtype, scaler=scaler)
+            step(runner, optimizer, x, y, criterion, precision=precision)
     else:
         loader = [(x, y, 0)]
-        scores = GraphedScores(amp_dtype) if graphs else None
+        scores = GraphedScores(precision) if graphs else None
 
         def once():
-            evaluate(net, loader, criterion, device, amp_dtype, args.channels_last, scores=scores)
+            evaluate(net, loader, criterion, device, precision, args.channels_last, scores=scores)
     # The peak from the first call on: a graph's memory is taken while it is captured.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -268,7 +267,8 @@ def loader_benchmark(args):
     import tempfile
     import numpy as np
     from torch.utils.data import DataLoader
-    from cmal.data import EpochSampler, ImageDataset, build_transforms, collate_skipping, load_rgb
+    from cmal.data import EpochSampler, ImageDataset, build_transforms, collate_skipping
+    from cmal.images import load_rgb
     width, height = (int(v) for v in args.jpeg_size.split("x"))
     resize = round(args.image_size * 421 / 368)
     train_tf, test_tf = build_transforms(args.image_size, resize, 8)

@@ -14,7 +14,8 @@ from multiprocessing import Pool
 
 from PIL import Image
 
-from cmal.data import BadImageError, Layout, allow_images_up_to, load_rgb
+from cmal.folders import Layout
+from cmal.images import BadImageError, allow_images_up_to, load_rgb
 from cmal.errors import run_command
 
 

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from cmal import settings
 from cmal import train
-from cmal.checkpoint import JSON_LOG, evaluated, write_text
+from cmal.files import write_text
+from cmal.run_logs import JSON_LOG, evaluated
 
 # The methods the table can hold, and the settings of each.
 VARIANTS = {

@@ -19,8 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from cmal.checkpoint import JSON_LOG as LOG_NAME
 from cmal.checkpoint import RUN_FILES
+from cmal.run_logs import JSON_LOG as LOG_NAME
 from cmal.errors import run_command
 from cmal.inference import ToolError, check_output
 from cmal.settings import parse_bool
