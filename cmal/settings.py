@@ -18,16 +18,10 @@ from cmal.folders import CHECKS
 from cmal.errors import UserError
 from cmal.methods import ABLATIONS, METHODS, REGISTRY
 from cmal.optimizer import SGD_IMPLS
-from cmal.precision import DTYPES
 from cmal.tresnet.abn import ABN_CHOICES
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 CUDA_GRAPH_CHOICES = ("auto", "true", "false")
-
-
-def amp_dtype(amp):
-    """The autocast dtype of an --amp setting (None: float32)."""
-    return DTYPES[amp]
 
 
 class SettingsError(UserError):
