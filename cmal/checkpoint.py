@@ -44,7 +44,7 @@ def clear_run_files(out_dir):
     and export of its checkpoints (--overwrite), so that none of them can be mistaken for the new
     run's; returns the names removed."""
     removed = []
-    for name in RUN_FILES + RUN_REPORTS + (SUPERSEDED_DIR,) + EXPORT_FILES:
+    for name in RUN_FILES + RUN_REPORTS + (SUPERSEDED_DIR,) + export_files(out_dir):
         path = Path(out_dir) / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -62,7 +62,7 @@ def previous_run_files(out_dir):
     export. settings.json and the empty logs of a run that ended inside its first epoch hold
     none."""
     out, found = Path(out_dir), []
-    for name in ("last.pt", "best.pt") + EXPORT_FILES:
+    for name in ("last.pt", "best.pt") + export_files(out_dir):
         if (out / name).exists() or (out / name).is_symlink():
             found.append(name)
     for name in (TRAIN_LOG, TEST_LOG, JSON_LOG, SUMMARY):
@@ -94,16 +94,33 @@ def _header_only_events(path):
         return False
 
 
+def export_files(out_dir):
+    """The names of an export's files in out_dir, where its model.json is a cmal-export
+    manifest (a model.json of some other tool is not ours to count or remove); else ()."""
+    manifest = _manifest(Path(out_dir) / EXPORT_MANIFEST)
+    return EXPORT_FILES if manifest is not None else ()
+
+
+def _manifest(path):
+    """The cmal-export manifest at `path` as a dict, or None (missing, unreadable, not ours)."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(
+            "cmal-export"):
+        return None
+    return manifest
+
+
 def derived_files(out_dir, name):
     """What in out_dir was made from its checkpoint `name` (last.pt or best.pt) and describes
-    it: the --test_only report (STEM_evaluation/), and an export whose model.json names it."""
+    it: the --test_only report (STEM_evaluation/, not empty), and an export whose model.json
+    names it."""
     out = Path(out_dir)
-    found = [out / f"{Path(name).stem}_evaluation"]
-    found = [p for p in found if p.is_dir()]
-    try:
-        named = json.loads((out / EXPORT_MANIFEST).read_text()).get("checkpoint")
-    except (OSError, ValueError, AttributeError):
-        named = None
+    report = out / f"{Path(name).stem}_evaluation"
+    found = [report] if report.is_dir() and any(report.iterdir()) else []
+    named = (_manifest(out / EXPORT_MANIFEST) or {}).get("checkpoint")
     # model.json keeps the path the export was given, relative to wherever it ran.
     if isinstance(named, str) and Path(named).name == name and (
             not Path(named).is_absolute() or Path(named).parent.resolve() == out.resolve()):
@@ -111,11 +128,12 @@ def derived_files(out_dir, name):
     return found
 
 
-def set_aside_derived(out_dir, name):
-    """Before checkpoint `name` of out_dir is replaced by another state of its run: move its
-    report and export (derived_files) into superseded/STEM_epochN/, named for the state they
-    describe, so that nothing beside the new checkpoint describes the old one and nothing is
-    deleted. Returns the folder they went to, or None when there was nothing to move."""
+def superseded_plan(out_dir, name):
+    """Where what describes checkpoint `name` of out_dir (derived_files) goes once the run
+    replaces that file by another state: (folder, files), the folder superseded/STEM_epochN/
+    named for the state the file holds now; None when nothing describes it. Called before the
+    file is replaced (the name is read from it); moved after (set_aside), so that a failed save
+    leaves everything where it was."""
     found = derived_files(out_dir, name)
     if not found:
         return None
@@ -130,15 +148,32 @@ def set_aside_derived(out_dir, name):
         if not dest.exists():
             break
         dest = dest.with_name(f"{Path(name).stem}_{tag}_{n}")
-    dest.mkdir(parents=True)
-    for path in found:
-        os.replace(path, dest / path.name)
-    return dest
+    return dest, found
+
+
+def set_aside(name, plan):
+    """Carry out a superseded_plan of checkpoint `name`, saying where its files went. A move
+    that fails (permissions, another filesystem) is a warning, not the end of the run: the
+    checkpoint is saved already."""
+    dest, found = plan
+    names = ", ".join(sorted(p.name for p in found))
+    try:
+        dest.mkdir(parents=True)
+        for path in found:
+            os.replace(path, dest / path.name)
+    except OSError as exc:
+        print(f"warning: {name} is replaced by this run's state, and what described the "
+              f"previous one ({names}) could not be moved to {dest} ({exc.strerror or exc}): "
+              f"it no longer describes {name}; move it away", flush=True)
+        return
+    print(f"{name} is replaced by this run's state: what described the previous one ({names}) "
+          f"is kept in {dest}", flush=True)
 
 
 def _progress_tag(ckpt):
     epoch, position = progress(ckpt)
     return f"epoch{epoch + 1}_batch{position}" if position else f"epoch{epoch}"
+
 
 def progress(ckpt):
     """How far a checkpoint's run got: (epochs finished, batches into the next)."""
@@ -150,6 +185,7 @@ def describe_progress(ckpt):
     if position:
         return f"epoch {epoch + 1}, batch {position}"
     return f"the end of epoch {epoch}" if epoch else "the start of epoch 1"
+
 
 def rng_state():
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -214,14 +250,8 @@ def _exported_from(path):
     path = Path(path)
     if path.name not in EXPORT_FILES:
         return None
-    try:
-        manifest = json.loads((path.parent / EXPORT_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(
-            "cmal-export"):
-        return None
-    return str(manifest.get("checkpoint") or "")
+    manifest = _manifest(path.parent / EXPORT_MANIFEST)
+    return None if manifest is None else str(manifest.get("checkpoint") or "")
 
 
 def not_a_file(path, option=None, alternative=""):
@@ -259,6 +289,7 @@ class RunState:
         # Checkpoints written before a field existed hold its default.
         return cls(**{f.name: ckpt[f.name] for f in fields(cls) if f.name in ckpt})
 
+
 class RunSaver:
     """The files of a run in its output folder, as timm's CheckpointSaver keeps them: last.pt
     (every epoch, and inside one on request), best.pt when the combined test accuracy improves,
@@ -266,8 +297,8 @@ class RunSaver:
     it, since refusing non-finite weights is a decision all of them take. `init`: what
     initialised the run's network (weights.load_backbone's record, RANDOM_INIT, or None for a run
     resumed from a checkpoint older than that record), kept in settings.json and every
-    checkpoint. `holdout`: with --val_split=F, the record of the images held out for
-    validation (data.holdout_record), kept in every checkpoint."""
+    checkpoint. `holdout`: with --val_split, the record of its validation images (held out of
+    train, or of val/: data.holdout_record), kept in every checkpoint."""
 
     def __init__(self, out_dir, model, optimizer, precision, settings, classes, writes=True,
                  init=None, holdout=None):
@@ -307,12 +338,8 @@ class RunSaver:
                 "settings": self.settings.to_dict(), "init": self.init, "classes": self.classes,
                 "holdout": self.holdout, "rng": rng_state()}
         last = self.out_dir / "last.pt"
-        for name in ("best.pt", "last.pt") if best else ("last.pt",):
-            moved = set_aside_derived(self.out_dir, name)
-            if moved is not None:
-                print(f"{name} is replaced by this run's state: what described the previous "
-                      f"one ({', '.join(sorted(p.name for p in moved.iterdir()))}) is kept in "
-                      f"{moved}", flush=True)
+        replaced = ("best.pt", "last.pt") if best else ("last.pt",)
+        plans = [(name, superseded_plan(self.out_dir, name)) for name in replaced]
         try:
             save(ckpt, self.out_dir / ("best.pt" if best else "last.pt"))
             if best:
@@ -320,6 +347,9 @@ class RunSaver:
         except WriteError as exc:  # best.pt is written first: last.pt is as it was either way
             raise exc.amended(outcome=f"the previous {last.name} is intact" if last.exists()
                               else "no last.pt was written yet") from None
+        for name, plan in plans:
+            if plan is not None:
+                set_aside(name, plan)
 
     def end_epoch(self, state, best):
         """The checkpoint and the logs of a finished epoch (`state` already past it)."""
@@ -342,6 +372,7 @@ class RunSaver:
                     self.tensorboard.scalars("final_test", state.final_test,
                                              final_test_step(state))
                 self.tensorboard.close()
+
 
 def mid_epoch(state, epoch, stats):
     """`state` as saved inside `epoch`, with its running sums `stats`."""

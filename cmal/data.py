@@ -18,7 +18,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from cmal.folders import VAL_SPLIT, DatasetError, _some, check_images, check_layout
+from cmal.folders import VAL_SPLIT, DatasetError, some_names, check_images, check_layout
 from cmal.images import BadImageError, allow_images_up_to, load_rgb
 
 
@@ -244,10 +244,10 @@ def holdout_change(saved, now):
     classes = sorted({name.split("/")[0] for name in gone | new})
     if now["method"] == HOLDOUT_FOLDER:
         return (f"validated on then, not now: {len(gone)} of {len(saved['held'])} (removed or "
-                f"renamed); new since: {len(new)}; classes: {_some(classes)}")
+                f"renamed); new since: {len(new)}; classes: {some_names(classes)}")
     return (f"held out then, not now: {len(gone)} of {len(saved['held'])} (removed, renamed, "
             f"or to be trained on); held out now, not then: {len(new)} (added, or trained on "
-            f"until now); classes: {_some(classes)}")
+            f"until now); classes: {some_names(classes)}")
 
 
 def split_samples(cfg, samples, holdout_method=HOLDOUT_RANKED):

@@ -170,7 +170,7 @@ class Layout:
             only_test = sorted(set(names["test"]) - set(names["train"]))
             self.problems.append(
                 f"train and test of {root} list different classes: only in train: "
-                f"{_some(only_train)}; only in test: {_some(only_test)}. Both splits must hold "
+                f"{some_names(only_train)}; only in test: {some_names(only_test)}. Both splits must hold "
                 "the same class folders.")
             return
         self.classes = names["train"]
@@ -207,7 +207,7 @@ class Layout:
                     empty.append(name)
             if empty:
                 self.problems.append(
-                    f"{root / split} has class folders with no image files: {_some(empty)}; add "
+                    f"{root / split} has class folders with no image files: {some_names(empty)}; add "
                     "images or remove the class from both splits (image extensions: "
                     f"{', '.join(IMG_EXTENSIONS)})")
 
@@ -237,7 +237,7 @@ def _case_collisions(folder, classes):
             for same in groups.values() if len(same) > 1]
 
 
-def _some(names, limit=10):
+def some_names(names, limit=10):
     if not names:
         return "none"
     return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")

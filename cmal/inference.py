@@ -19,6 +19,7 @@ from cmal import methods
 from cmal.precision import Precision
 from cmal.settings import Settings, parse_bool
 
+
 class ToolError(UserError):
     """A failure the user can fix; the message is one line naming the file and what to do."""
 

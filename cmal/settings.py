@@ -131,8 +131,9 @@ class Settings:
                            "output_dir/best.pt)", bare=True)
     overwrite: bool = _setting(
         False, parse_bool, "start a new run in an output_dir that already holds one (its "
-                           "checkpoints, logs, TensorBoard events and evaluation reports are "
-                           "removed once the new run's data, settings and weights are checked)",
+                           "checkpoints, logs, TensorBoard events, evaluation reports, export "
+                           "and superseded/ are removed once the new run's data, settings and "
+                           "weights are checked)",
         bare=True)
     save_every: int = _setting(
         0, int, "also write last.pt every N iterations inside an epoch (0: epoch ends only)")
@@ -303,7 +304,7 @@ def from_checkpoint_for(cfg, saved, given, path, evaluation=False, stopped_in=No
             # --extend refuses an unfinished run: saying "add --extend" would send the user to
             # a second refusal.
             hint = (" To train a finished run for more epochs, add --extend." if stopped_in is None
-                    else f" The run stopped at {stopped_in} of {saved.epochs}: finish it "
+                    else f" The run stopped at {stopped_in} (of {saved.epochs} epochs): finish it "
                     "with --resume alone; then --resume --extend --epochs=N (N above "
                     f"{saved.epochs}) trains it further.")
         raise SettingsError(f"{path} holds a run whose settings these options contradict: "

@@ -91,7 +91,7 @@ def test_more_epochs_for_an_unfinished_run_says_to_finish_it_first(data, tmp_pat
     assert _train(data, out, "--resume", "--epochs=5") == 2
     err = capsys.readouterr().err
     assert "--epochs=5 (it was trained with 3)" in err and "add --extend" not in err
-    assert "The run stopped at the end of epoch 1 of 3: finish it with --resume alone; then " \
+    assert "The run stopped at the end of epoch 1 (of 3 epochs): finish it with --resume alone; then " \
            "--resume --extend --epochs=N (N above 3) trains it further." in err
     assert snapshot(out) == before
 
@@ -332,6 +332,31 @@ def test_a_resumed_run_sets_aside_what_described_the_checkpoints_it_replaces(dat
     assert moved.read_bytes() == best_report and not (run / "best_evaluation").exists()
     # The folder with superseded/ is still the run's: a new run there needs --overwrite.
     assert "superseded/" in ckpt_io.previous_run_files(run)
+
+
+def test_a_set_aside_that_fails_is_a_warning_and_the_run_saves_on(data, finished, capsys):
+    run = finished
+    assert _train(data, run, "--test_only", f"--resume={run / 'last.pt'}") == 0
+    (run / "best_evaluation").mkdir()  # empty: describes nothing, stays
+    (run / "superseded").write_text("a file where the folder would go")
+    capsys.readouterr()
+    assert _train(data, run, "--resume", "--extend", "--epochs=2") == 0
+    out = capsys.readouterr().out
+    assert "warning: last.pt is replaced by this run's state, and what described the previous " \
+           "one (last_evaluation) could not be moved to " in out and "move it away" in out
+    assert ckpt_io.load(run / "last.pt")["epoch"] == 2
+    assert (run / "last_evaluation" / "per_class.csv").exists()
+    assert (run / "best_evaluation").is_dir() and "best.pt is replaced" not in out
+
+
+def test_a_model_json_of_another_tool_is_no_export(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.json").write_text('{"name": "my notes"}')
+    assert _train(data, out, "--epochs=1") == 0
+    assert (out / "model.json").read_text() == '{"name": "my notes"}'
+    assert _train(data, out, "--epochs=1", "--overwrite") == 0
+    assert (out / "model.json").read_text() == '{"name": "my notes"}'
 
 
 # --- export --------------------------------------------------------------------------------
