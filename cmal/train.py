@@ -27,7 +27,7 @@ from cmal import distributed
 from cmal import localisation, methods
 from cmal import settings
 from cmal.data import build_loaders, holdout_change, holdout_method_of, mix_seed, shutdown_workers
-from cmal.folders import DatasetError
+from cmal.folders import VAL_SPLIT, DatasetError
 from cmal.checkpoint import check_classes
 from cmal.cuda_graph import GraphedScores
 from cmal.distributed import log
@@ -225,7 +225,7 @@ def check_holdout(cfg, ck, holdout, path):
                 "--val_split continue on other validation images than its checkpoint recorded")
         return
     folder = cfg.val_split == "folder"
-    source = Path(cfg.data_path) / ("val" if folder else "train")
+    source = Path(cfg.data_path) / (VAL_SPLIT if folder else "train")
     if not ck.get("holdout"):
         log(f"note: {path} does not record its validation images (it predates the record): "
             + ("" if folder else "they are drawn again as that run drew them, which ")
